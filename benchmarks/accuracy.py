@@ -1,0 +1,59 @@
+"""Test accuracy of the configs on real MNIST, over seeds: ``python benchmarks/accuracy.py DATA_DIR``.
+
+Each run is a whole ``python -m mnist_lightning.fit`` process; its figures come from its metrics.json.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from baselines import tutorial
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def fit(data_dir: str, seed: int, *args: str) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        # --config must come first: later options override what it sets.
+        cmd = [sys.executable, "-m", "mnist_lightning.fit", *args, "--data.data_dir", data_dir]
+        subprocess.run([*cmd, "--seed_everything", str(seed)], cwd=tmp, check=True, capture_output=True)
+        seconds = time.perf_counter() - start
+        metrics = json.loads(next(Path(tmp).glob("lightning_logs/version_*/metrics.json")).read_text())
+    return metrics["test/acc"], seconds
+
+
+def report(name: str, runs: list[tuple[float, float]]) -> None:
+    accs = [a * 100 for a, _ in runs]
+    print(
+        f"| {name} | {statistics.mean(accs):.2f} | {min(accs):.2f}-{max(accs):.2f} "
+        f"| {statistics.mean(s for _, s in runs):.1f} |",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("data_dir", help="folder holding MNIST/raw/")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tutorial", action="store_true", help="also run the seed tutorial's own loop (~40 s/seed)")
+    parser.add_argument("--extra", nargs="*", default=[], help="NAME=ARGS: more fit variants, e.g. bs512='...'")
+    args = parser.parse_args()
+    data_dir = str(Path(args.data_dir).resolve())
+    print(f"seeds {args.seeds}\n\n| run | test acc % (mean) | min-max | seconds (whole process) |\n|---|---|---|---|")
+    report("fit, configs/default.yaml", [fit(data_dir, s) for s in args.seeds])
+    report("fit, configs/seed.yaml", [fit(data_dir, s, "--config", str(CONFIGS / "seed.yaml")) for s in args.seeds])
+    for extra in args.extra:
+        name, _, options = extra.partition("=")
+        report(f"fit, {name}", [fit(data_dir, s, *options.split()) for s in args.seeds])
+    if args.tutorial:
+        report("seed tutorial (plain PyTorch, train loop only)", [tutorial(data_dir, seed=s) for s in args.seeds])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""MNISTDataModule: four IDX files -> one normalised tensor per split -> batches by index slicing."""
+
+import contextlib
+import io
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, default_convert
+from torchvision import datasets
+
+from mnist_lightning.errors import UserError
+
+# Both datasets share MNIST's file names; torchvision keeps each under <root>/<ClassName>/raw/.
+TORCHVISION_CLASSES = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the 60k training pixels scaled to [0, 1]
+
+
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """Read one uint8 IDX file, refusing anything whose header does not match its contents."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; download MNIST again or fix --data.data_dir") from None
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{path} is empty or truncated ({len(raw)} bytes); delete it to download again")
+    if raw[:4] != bytes([0, 0, 0x08, ndim]):
+        raise UserError(
+            f"{path} is not a uint8 IDX file with {ndim} dimension(s) (magic {raw[:4].hex()}); "
+            "delete it to download again"
+        )
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + torch.Size(shape).numel()
+    if len(raw) != expected:
+        raise UserError(
+            f"{path} should be {expected} bytes for shape {tuple(shape)} but is {len(raw)}; "
+            "it is truncated or corrupt, delete it to download again"
+        )
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).view(shape)
+
+
+def load_split(raw_dir: Path, split: Literal["train", "test"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode one split into uint8 images (N, 1, 28, 28) and int64 labels (N,), checked for consistency."""
+    images_file, labels_file = (raw_dir / name for name in FILES[split])
+    images, labels = read_idx(images_file, 3), read_idx(labels_file, 1)
+    if images.shape[1:] != (28, 28):
+        raise UserError(f"{images_file} holds {tuple(images.shape[1:])} images, expected 28x28")
+    if len(images) != len(labels):
+        raise UserError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels")
+    if len(labels) and labels.max() > 9:
+        raise UserError(f"{labels_file} holds label {int(labels.max())}; labels must be 0-9")
+    return images.unsqueeze(1), labels.long()
+
+
+class TensorBatches(Dataset):
+    """Images and labels held as two tensors; `__getitems__` cuts a whole batch with one index op.
+
+    The DataLoader still owns the sampler, so Lightning can swap in a DistributedSampler under DDP.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]):
+        index = torch.tensor(indices).to(self.labels.device, non_blocking=True)
+        return self.images.index_select(0, index), self.labels.index_select(0, index)
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """MNIST (or Fashion-MNIST) held in memory, normalised once, split into train/val with a fixed seed.
+
+    Args:
+        data_dir: folder holding ``MNIST/raw/`` (or ``FashionMNIST/raw/``); downloaded there if missing.
+        dataset: ``mnist`` or ``fashion_mnist``.
+        batch_size: samples per optimizer step, on each device.
+        val_size: images held out of the 60k training set for validation.
+        mean: pixel mean used for normalisation, pixels scaled to [0, 1] first.
+        std: pixel standard deviation used for normalisation.
+        split_seed: seed of the train/val split, independent of the training seed.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        dataset: Literal["mnist", "fashion_mnist"] = "mnist",
+        batch_size: int = 64,
+        val_size: int = 5000,
+        mean: float = MNIST_MEAN,
+        std: float = MNIST_STD,
+        split_seed: int = 42,
+    ):
+        super().__init__()
+        if dataset not in TORCHVISION_CLASSES:
+            raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(TORCHVISION_CLASSES)}")
+        if batch_size <= 0:
+            raise UserError(f"batch_size must be positive, got {batch_size}")
+        if val_size < 0:
+            raise UserError(f"val_size must be zero or more, got {val_size}")
+        if std <= 0:
+            raise UserError(f"std must be positive, got {std}")
+        self.save_hyperparameters()
+        self.raw_dir = Path(data_dir) / TORCHVISION_CLASSES[dataset].__name__ / "raw"
+
+    def prepare_data(self) -> None:
+        """Download the four files if any is missing (Lightning runs this on one process per node)."""
+        if all((self.raw_dir / name).is_file() for split in FILES.values() for name in split):
+            return
+        self.raw_dir.mkdir(parents=True, exist_ok=True)
+        # Download into a scratch folder and move whole files in, so a killed download or a
+        # concurrent run never sees a half-written file. torchvision checks each archive's md5.
+        with tempfile.TemporaryDirectory(dir=self.raw_dir) as tmp:
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    TORCHVISION_CLASSES[self.hparams.dataset](tmp, train=True, download=True)
+                    TORCHVISION_CLASSES[self.hparams.dataset](tmp, train=False, download=True)
+            except (RuntimeError, OSError) as err:
+                names = ", ".join(name for split in FILES.values() for name in split)
+                reason = str(err).strip().splitlines()[-1].strip()  # torchvision lists every mirror tried
+                raise UserError(
+                    f"{self.hparams.dataset} is not in {self.raw_dir}/ and could not be downloaded ({reason}). "
+                    f"Put {names} there, or point --data.data_dir at the folder that holds "
+                    f"{self.raw_dir.parent.name}/raw/"
+                ) from None
+            downloaded = Path(tmp) / self.raw_dir.parent.name / "raw"
+            for split in FILES.values():
+                for name in split:
+                    shutil.move(downloaded / name, self.raw_dir / name)
+
+    def setup(self, stage: str) -> None:
+        """Decode, move to the training device, normalise and split; every rank gets the same split."""
+        if hasattr(self, "train_set"):
+            return
+        # With a GPU the whole set lives on it, so no batch is ever copied from the host.
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        mean, std, val_size = self.hparams.mean, self.hparams.std, self.hparams.val_size
+        sets = {}
+        for split in FILES:
+            images, labels = load_split(self.raw_dir, split)
+            sets[split] = images.to(device).float().div_(255).sub_(mean).div_(std), labels.to(device)
+        images, labels = sets["train"]
+        if val_size >= len(labels):
+            raise UserError(f"val_size {val_size} leaves no training data: the set has {len(labels)} images")
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.hparams.split_seed))
+        val, train = order[:val_size].to(device), order[val_size:].to(device)
+        self.train_set = TensorBatches(images[train], labels[train])
+        self.val_set = TensorBatches(images[val], labels[val])
+        self.test_set = TensorBatches(*sets["test"])
+
+    def _loader(self, dataset: TensorBatches, shuffle: bool) -> DataLoader:
+        # Batches come whole from __getitems__, so collation only has to pass them through.
+        return DataLoader(dataset, self.hparams.batch_size, shuffle=shuffle, collate_fn=default_convert)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)

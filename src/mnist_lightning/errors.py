@@ -1,0 +1,22 @@
+"""One clear line for mistakes a user can fix; the traceback only with --verbose."""
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """Bad input or environment, described with what to do about it."""
+
+
+def run_main(main: Callable[[list[str]], object], args: list[str] | None = None) -> None:
+    """Call ``main(args)`` and turn a UserError into ``error: ...`` on stderr and exit status 2."""
+    args = sys.argv[1:] if args is None else list(args)
+    verbose = "--verbose" in args
+    args = [a for a in args if a != "--verbose"]
+    try:
+        main(args)
+    except UserError as err:
+        if verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,90 @@
+"""Train, validate each epoch, test the best checkpoint: ``python -m mnist_lightning.fit [--help]``."""
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from mnist_lightning.data import MNISTDataModule
+from mnist_lightning.errors import run_main
+from mnist_lightning.model import MNISTClassifier
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+
+# The data already sits in memory (or on the GPU): worker processes would only add overhead.
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+class EpochLines(Callback):
+    """One plain line per epoch, for logs and pipes where a progress bar would be carriage-return spam."""
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module) -> None:
+        # Runs after the epoch's validation, so the val/ metrics are this epoch's.
+        if trainer.is_global_zero:
+            metrics = trainer.callback_metrics
+            shown = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(metrics.items()) if k.count("/") == 1)
+            epoch = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+            print(f"{epoch}  {shown}  ({time.perf_counter() - self.start:.1f}s)", flush=True)
+
+
+class MNISTCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch}-val_acc{val/acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume training from")
+
+
+def cli_main(args: list[str] | None = None) -> dict:
+    """Parse the command line, train, test the best checkpoint; returns what ``metrics.json`` holds."""
+    interactive = sys.stderr.isatty()
+    cli = MNISTCLI(
+        MNISTClassifier,
+        MNISTDataModule,
+        args=args,
+        run=False,
+        seed_everything_default=42,
+        trainer_defaults={"enable_progress_bar": interactive, "callbacks": [] if interactive else [EpochLines()]},
+        parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else []},
+        save_config_kwargs={"overwrite": True},
+    )
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    ckpt_path = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
+    test_metrics = trainer.test(model, datamodule=data, ckpt_path=ckpt_path, verbose=False)[0]
+    result = {
+        **fit_metrics,
+        **test_metrics,
+        "best_model_path": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
+        "config": cli.parser.dump(cli.config, format="json", skip_check=True),
+    }
+    result["config"] = json.loads(result["config"])
+    if trainer.is_global_zero:
+        if trainer.log_dir:
+            Path(trainer.log_dir, "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"test/acc {result['test/acc']:.4f}  test/loss {result['test/loss']:.4f}  ({ckpt_path or 'final'} weights)")
+    return result
+
+
+def main() -> None:
+    run_main(cli_main)
+
+
+if __name__ == "__main__":
+    main()

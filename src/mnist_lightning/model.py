@@ -1,0 +1,110 @@
+"""The network (a plain MLP) and the LightningModule that trains it."""
+
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from mnist_lightning.errors import UserError
+
+
+class MLP(nn.Sequential):
+    """The classic 784-128-64-10 multilayer perceptron with ReLU."""
+
+    def __init__(self, hidden1: int = 128, hidden2: int = 64):
+        super().__init__(
+            nn.Flatten(),
+            nn.Linear(28 * 28, hidden1),
+            nn.ReLU(),
+            nn.Linear(hidden1, hidden2),
+            nn.ReLU(),
+            nn.Linear(hidden2, 10),
+        )
+
+
+class MNISTClassifier(L.LightningModule):
+    """MLP + cross-entropy + Adam, with accuracy from torchmetrics.
+
+    Args:
+        hidden1: width of the first hidden layer.
+        hidden2: width of the second hidden layer.
+        lr: Adam's learning rate; the peak rate when ``scheduler`` is ``onecycle``.
+        weight_decay: Adam's (L2) weight decay.
+        scheduler: ``none`` keeps ``lr`` fixed; ``onecycle`` warms up to it and anneals, stepping per batch.
+        label_smoothing: weight moved from the true class onto all ten, in the cross-entropy target.
+    """
+
+    def __init__(
+        self,
+        hidden1: int = 128,
+        hidden2: int = 64,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        scheduler: Literal["none", "onecycle"] = "none",
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = MLP(hidden1, hidden2)
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        # validate_args=False: the argument checks sync with the device on every update.
+        # One accuracy and one mean loss per stage; as torchmetrics they sum correctly across DDP ranks.
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_acc", MulticlassAccuracy(10, average="micro", validate_args=False))
+            setattr(self, f"{stage}_loss", MeanMetric())
+        self.val_acc_best = MaxMetric()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        acc, mean_loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
+        acc.update(logits, y)
+        mean_loss.update(loss.detach(), weight=len(y))
+        if stage == "train":
+            # batch_size is given so Lightning need not inspect the batch on every step.
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=len(y))
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True)
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def on_train_start(self) -> None:
+        # The sanity check before training fed the metrics; they must not count towards the best.
+        self.val_acc_best.reset()
+        # A resumed one-cycle schedule keeps its original length; running past it would crash mid-run.
+        for config in self.trainer.lr_scheduler_configs:
+            total, needed = getattr(config.scheduler, "total_steps", None), self.trainer.estimated_stepping_batches
+            if total is not None and total < needed:
+                raise UserError(
+                    f"the checkpoint's one-cycle schedule ends after {total} steps but this run needs {needed}; "
+                    "resume with the max_epochs it was started with, or use --model.scheduler none"
+                )
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() is synchronised across DDP ranks, so every rank tracks the same best.
+        self.val_acc_best.update(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.scheduler == "none":
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,62 @@
+"""Tiny synthetic MNIST-format files, written once per session; nothing is downloaded."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TRAIN_SIZE, TEST_SIZE = 1000, 300
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file: magic 0x0000_08_<ndim>, big-endian dims, raw bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class c is a bright bar at rows 2c+4..2c+7 over faint noise: easy to learn, impossible to guess."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+    images = rng.integers(0, 60, size=(n, 28, 28))
+    for c in range(10):
+        images[labels == c, 2 * c + 4 : 2 * c + 8, 6:22] += 180
+    return images.clip(0, 255).astype(np.uint8), labels
+
+
+def write_dataset(raw_dir: Path) -> None:
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", TRAIN_SIZE, 1), ("t10k", TEST_SIZE, 2)):
+        images, labels = synthetic_digits(n, seed)
+        write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", labels)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A data folder holding synthetic MNIST and Fashion-MNIST in torchvision's layout."""
+    root = tmp_path_factory.mktemp("data")
+    for name in ("MNIST", "FashionMNIST"):
+        write_dataset(root / name / "raw")
+    return root
+
+
+# Options that make a fit on the synthetic data take seconds.
+FAST = [
+    "--data.val_size", "100", "--trainer.max_epochs", "2",
+    "--trainer.log_every_n_steps", "2", "--trainer.enable_model_summary", "false",
+]
+
+
+def run_module(module: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` the way a user would, with output captured."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -1,0 +1,121 @@
+import pytest
+import torch
+from conftest import TEST_SIZE, TRAIN_SIZE, write_dataset, write_idx
+from torch.utils.data import DataLoader, DistributedSampler, default_convert
+from torchvision import datasets
+
+from mnist_lightning.data import MNISTDataModule
+from mnist_lightning.errors import UserError
+
+
+def make(data_dir, **kwargs) -> MNISTDataModule:
+    dm = MNISTDataModule(data_dir=str(data_dir), val_size=100, **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_shapes_dtypes_and_split_sizes(data_dir, dataset):
+    dm = make(data_dir, dataset=dataset, batch_size=32)
+    assert len(dm.train_set) == TRAIN_SIZE - 100 and len(dm.val_set) == 100 and len(dm.test_set) == TEST_SIZE
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 1, 28, 28) and x.dtype == torch.float32
+    assert y.shape == (32,) and y.dtype == torch.int64 and 0 <= y.min() and y.max() <= 9
+
+
+def test_normalisation_uses_mean_and_std(data_dir):
+    dm = make(data_dir, mean=0.5, std=0.5)
+    images = dm.test_set.images
+    # Raw pixels are 0..239 (noise up to 59, plus 180 on the bar), so [-1, 1] is hit at the low end only.
+    assert images.min() == pytest.approx(-1.0)
+    assert images.max() == pytest.approx(239 / 255 * 2 - 1)
+
+
+def test_split_is_seeded_and_disjoint(data_dir):
+    a, b, c = make(data_dir), make(data_dir), make(data_dir, split_seed=7)
+    assert torch.equal(a.val_set.images, b.val_set.images) and torch.equal(a.train_set.labels, b.train_set.labels)
+    assert not torch.equal(a.val_set.images, c.val_set.images)
+    rows = {tuple(img.flatten().tolist()) for img in a.train_set.images}
+    assert not any(tuple(img.flatten().tolist()) in rows for img in a.val_set.images)
+
+
+def test_batches_are_whole_and_cover_the_epoch(data_dir):
+    dm = make(data_dir, batch_size=64)
+    batches = list(dm.train_dataloader())
+    assert sum(len(y) for _, y in batches) == len(dm.train_set)
+    assert [len(y) for _, y in batches[:-1]] == [64] * (len(batches) - 1)
+
+
+def test_distributed_sampler_gives_disjoint_shards(data_dir):
+    """What Lightning does under DDP: same dataset, a DistributedSampler per rank."""
+    dm = make(data_dir, batch_size=50)
+    shards = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(dm.train_set, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        loader = DataLoader(dm.train_set, 50, sampler=sampler, collate_fn=default_convert)
+        shards.append(torch.cat([y for _, y in loader]))
+        assert len(shards[-1]) == len(dm.train_set) // 2
+    indices = [list(DistributedSampler(dm.train_set, 2, rank, seed=0)) for rank in (0, 1)]
+    assert not set(indices[0]) & set(indices[1])
+
+
+def test_missing_data_without_network_names_files_and_flag(tmp_path, monkeypatch):
+    # A mirror that refuses at once: the download path runs, but nothing leaves the machine.
+    monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    dm = MNISTDataModule(data_dir=str(tmp_path / "empty"))
+    with pytest.raises(UserError) as err:
+        dm.prepare_data()
+    message = str(err.value)
+    for name in ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "MNIST/raw", "--data.data_dir"):
+        assert name in message
+    assert "\n" not in message
+    assert not list((tmp_path / "empty" / "MNIST" / "raw").iterdir())  # no half-written leftovers
+
+
+def corrupt(tmp_path, name: str, content: bytes) -> MNISTDataModule:
+    write_dataset(tmp_path / "MNIST" / "raw")
+    (tmp_path / "MNIST" / "raw" / name).write_bytes(content)
+    return MNISTDataModule(data_dir=str(tmp_path), val_size=10)
+
+
+@pytest.mark.parametrize(
+    "name, mutate, expected",
+    [
+        ("train-images-idx3-ubyte", lambda b: b[:-100], "truncated or corrupt"),
+        ("train-images-idx3-ubyte", lambda b: b"", "empty or truncated"),
+        ("t10k-labels-idx1-ubyte", lambda b: b"\x00\x00\x0d\x01" + b[4:], "not a uint8 IDX file"),
+    ],
+)
+def test_corrupt_file_is_named(tmp_path, name, mutate, expected):
+    write_dataset(tmp_path / "MNIST" / "raw")
+    path = tmp_path / "MNIST" / "raw" / name
+    path.write_bytes(mutate(path.read_bytes()))
+    dm = MNISTDataModule(data_dir=str(tmp_path), val_size=10)
+    with pytest.raises(UserError, match=expected) as err:
+        dm.setup("fit")
+    assert name in str(err.value)
+
+
+def test_label_count_mismatch_and_bad_label(tmp_path):
+    import numpy as np
+
+    raw = tmp_path / "MNIST" / "raw"
+    write_dataset(raw)
+    write_idx(raw / "train-labels-idx1-ubyte", np.zeros(TRAIN_SIZE - 1, np.uint8))
+    with pytest.raises(UserError, match=f"{TRAIN_SIZE} images but .* {TRAIN_SIZE - 1} labels"):
+        MNISTDataModule(data_dir=str(tmp_path)).setup("fit")
+    write_idx(raw / "train-labels-idx1-ubyte", np.full(TRAIN_SIZE, 12, np.uint8))
+    with pytest.raises(UserError, match="label 12"):
+        MNISTDataModule(data_dir=str(tmp_path)).setup("fit")
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"val_size": -1}, {"std": 0.0}, {"dataset": "cifar"}])
+def test_bad_arguments(kwargs):
+    with pytest.raises(UserError):
+        MNISTDataModule(**kwargs)
+
+
+def test_val_size_larger_than_training_set(data_dir):
+    with pytest.raises(UserError, match="leaves no training data"):
+        MNISTDataModule(data_dir=str(data_dir), val_size=TRAIN_SIZE).setup("fit")
