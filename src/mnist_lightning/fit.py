@@ -23,16 +23,27 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 class EpochLines(Callback):
     """One plain line per epoch, for logs and pipes where a progress bar would be carriage-return spam."""
 
+    def __init__(self):
+        self.start, self.done = 0.0, False
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module) -> None:
+        self._print(trainer)
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module) -> None:
-        # Runs after the epoch's validation, so the val/ metrics are this epoch's.
-        if trainer.is_global_zero:
-            metrics = trainer.callback_metrics
-            shown = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(metrics.items()) if k.count("/") == 1)
-            epoch = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
-            print(f"{epoch}  {shown}  ({time.perf_counter() - self.start:.1f}s)", flush=True)
+        # Callbacks run before the module's own on_train_epoch_end, where train/ metrics are
+        # logged, so the line is printed at the next epoch's start or at the end of training.
+        self.done = True
+
+    def on_train_end(self, trainer: Trainer, pl_module) -> None:
+        self._print(trainer)
+
+    def _print(self, trainer: Trainer) -> None:
+        if self.done and trainer.is_global_zero:
+            metrics = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()))
+            epoch = f"epoch {trainer.current_epoch}/{trainer.max_epochs}"
+            print(f"{epoch}  {metrics}  ({time.perf_counter() - self.start:.1f}s)", flush=True)
+        self.done = False
 
 
 class MNISTCLI(LightningCLI):

@@ -55,7 +55,9 @@ class MNISTClassifier(L.LightningModule):
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(10, average="micro", validate_args=False))
             setattr(self, f"{stage}_loss", MeanMetric())
+        # Persistent, so that the best so far survives a resume from checkpoint.
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -64,18 +66,24 @@ class MNISTClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
-        acc, mean_loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
-        acc.update(logits, y)
-        mean_loss.update(loss.detach(), weight=len(y))
-        if stage == "train":
-            # batch_size is given so Lightning need not inspect the batch on every step.
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=len(y))
-        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True)
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        # Only metric updates per step: self.log costs far more than this whole MLP's step on a CPU.
+        getattr(self, f"{stage}_acc").update(logits, y)
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(y))
         return loss
 
+    def _log_epoch(self, stage: str) -> None:
+        # compute() reduces across DDP ranks; reset() starts the next epoch from zero.
+        for name in ("loss", "acc"):
+            metric = getattr(self, f"{stage}_{name}")
+            self.log(f"{stage}/{name}", metric.compute(), prog_bar=stage != "train")
+            metric.reset()
+
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        # The per-step curve, on the steps where Lightning writes to the logger anyway.
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False)
+        return loss
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -83,9 +91,13 @@ class MNISTClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
 
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
     def on_train_start(self) -> None:
-        # The sanity check before training fed the metrics; they must not count towards the best.
-        self.val_acc_best.reset()
         # A resumed one-cycle schedule keeps its original length; running past it would crash mid-run.
         for config in self.trainer.lr_scheduler_configs:
             total, needed = getattr(config.scheduler, "total_steps", None), self.trainer.estimated_stepping_batches
@@ -96,12 +108,18 @@ class MNISTClassifier(L.LightningModule):
                 )
 
     def on_validation_epoch_end(self) -> None:
-        # compute() is synchronised across DDP ranks, so every rank tracks the same best.
-        self.val_acc_best.update(self.val_acc.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        # The sanity check's two batches must not count towards the best. Every rank sees the
+        # same synchronised val/acc, so every rank tracks the same best.
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(self.val_acc.compute())
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        self._log_epoch("val")
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # fused: one kernel for all six tensors instead of a Python loop over them (~20% of a CPU step).
+        optimizer = torch.optim.Adam(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=True
+        )
         if self.hparams.scheduler == "none":
             return optimizer
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
