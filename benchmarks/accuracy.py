@@ -47,12 +47,18 @@ def main() -> None:
     data_dir = str(Path(args.data_dir).resolve())
     print(f"seeds {args.seeds}\n\n| run | test acc % (mean) | min-max | seconds (whole process) |\n|---|---|---|---|")
     report("fit, configs/default.yaml", [fit(data_dir, s) for s in args.seeds])
-    report("fit, configs/seed.yaml", [fit(data_dir, s, "--config", str(CONFIGS / "seed.yaml")) for s in args.seeds])
+    report(
+        "fit, configs/seed.yaml",
+        [fit(data_dir, s, "--config", str(CONFIGS / "seed.yaml")) for s in args.seeds],
+    )
     for extra in args.extra:
         name, _, options = extra.partition("=")
         report(f"fit, {name}", [fit(data_dir, s, *options.split()) for s in args.seeds])
     if args.tutorial:
-        report("seed tutorial (plain PyTorch, train loop only)", [tutorial(data_dir, seed=s) for s in args.seeds])
+        report(
+            "seed tutorial (plain PyTorch, train loop only)",
+            [tutorial(data_dir, seed=s) for s in args.seeds],
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
 Both return (test accuracy, training-loop seconds).
 """
 
+import argparse
+import json
 import time
 from pathlib import Path
 
@@ -62,3 +64,18 @@ def in_memory(
     with torch.no_grad():
         accuracy = (net(xt).argmax(1) == yt).float().mean().item()
     return accuracy, seconds
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Run one baseline and print its figures as JSON.")
+    parser.add_argument("which", choices=["tutorial", "in_memory"])
+    parser.add_argument("data_dir")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    kwargs = {"epochs": args.epochs, "batch_size": args.batch_size}
+    if args.which == "in_memory":
+        kwargs["device"] = args.device
+    accuracy, seconds = (tutorial if args.which == "tutorial" else in_memory)(args.data_dir, **kwargs)
+    print(json.dumps({"test_acc": accuracy, "train_s": seconds}))

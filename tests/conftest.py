@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-TRAIN_SIZE, TEST_SIZE = 1000, 300
+# An odd test size, so that splitting it over two DDP ranks would need padding.
+TRAIN_SIZE, TEST_SIZE = 1000, 301
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -46,8 +47,14 @@ def data_dir(tmp_path_factory) -> Path:
 
 # Options that make a fit on the synthetic data take seconds.
 FAST = [
-    "--data.val_size", "100", "--trainer.max_epochs", "2",
-    "--trainer.log_every_n_steps", "2", "--trainer.enable_model_summary", "false",
+    "--data.val_size",
+    "100",
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.log_every_n_steps",
+    "2",
+    "--trainer.enable_model_summary",
+    "false",
 ]
 
 
@@ -55,7 +62,12 @@ def run_module(module: str, *args: str, cwd: Path, check: bool = True) -> subpro
     """Run ``python -m module args`` the way a user would, with output captured."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

@@ -1,9 +1,9 @@
 import pytest
 import torch
-from conftest import TEST_SIZE, TRAIN_SIZE, write_dataset, write_idx
 from torch.utils.data import DataLoader, DistributedSampler, default_convert
 from torchvision import datasets
 
+from conftest import TEST_SIZE, TRAIN_SIZE, write_dataset, write_idx
 from mnist_lightning.data import MNISTDataModule
 from mnist_lightning.errors import UserError
 
@@ -67,7 +67,12 @@ def test_missing_data_without_network_names_files_and_flag(tmp_path, monkeypatch
     with pytest.raises(UserError) as err:
         dm.prepare_data()
     message = str(err.value)
-    for name in ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "MNIST/raw", "--data.data_dir"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+        "MNIST/raw",
+        "--data.data_dir",
+    ):
         assert name in message
     assert "\n" not in message
     assert not list((tmp_path / "empty" / "MNIST" / "raw").iterdir())  # no half-written leftovers

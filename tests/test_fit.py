@@ -3,9 +3,9 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import FAST, run_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import FAST, run_module
 from mnist_lightning.errors import UserError
 from mnist_lightning.fit import cli_main
 
@@ -47,7 +47,17 @@ def test_extending_a_one_cycle_run_is_refused(data_dir, tmp_path, monkeypatch):
     cli_main(["--data.data_dir", str(data_dir), *FAST])
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     with pytest.raises(UserError, match="one-cycle schedule ends after 8 steps but this run needs 12"):
-        cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "3", "--ckpt_path", str(last)])
+        cli_main(
+            [
+                "--data.data_dir",
+                str(data_dir),
+                *FAST,
+                "--trainer.max_epochs",
+                "3",
+                "--ckpt_path",
+                str(last),
+            ]
+        )
 
 
 @pytest.mark.slow
@@ -61,7 +71,15 @@ def test_fit_writes_events_checkpoints_metrics_and_resumes(data_dir, tmp_path):
     assert "test/acc" in proc.stdout
 
     tags = scalars(version)
-    for tag in ("train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc"):
+    for tag in (
+        "train/loss_step",
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/acc_best",
+        "test/acc",
+    ):
         assert tag in tags, tag
     assert len(tags["val/acc"]) == 2 and len(tags["test/acc"]) == 1
     assert tags["val/acc_best"] == [max(tags["val/acc"][: i + 1]) for i in range(2)]
@@ -76,11 +94,16 @@ def test_fit_writes_events_checkpoints_metrics_and_resumes(data_dir, tmp_path):
 
     last = version / "checkpoints" / "last.ckpt"
     resumed = run_module(
-        "mnist_lightning.fit", *args, "--trainer.max_epochs", "3", "--ckpt_path", str(last), cwd=tmp_path
+        "mnist_lightning.fit",
+        *args,
+        "--trainer.max_epochs",
+        "3",
+        "--ckpt_path",
+        str(last),
+        cwd=tmp_path,
     )
     # Resuming continues at epoch 3 instead of starting over.
     assert "epoch 3/3" in resumed.stdout and "epoch 1/3" not in resumed.stdout
-
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, default_convert
 from torchvision import datasets
 
@@ -86,7 +87,10 @@ class MNISTDataModule(L.LightningDataModule):
     Args:
         data_dir: folder holding ``MNIST/raw/`` (or ``FashionMNIST/raw/``); downloaded there if missing.
         dataset: ``mnist`` or ``fashion_mnist``.
-        batch_size: samples per optimizer step, on each device.
+        batch_size: samples per optimizer step, see ``batch_size_scope``.
+        batch_size_scope: ``global`` splits ``batch_size`` over the DDP processes, so that any number
+            of devices takes the same optimizer steps as one; ``device`` gives each process
+            ``batch_size`` (the global batch, and the right learning rate, then grow with the devices).
         val_size: images held out of the 60k training set for validation.
         mean: pixel mean used for normalisation, pixels scaled to [0, 1] first.
         std: pixel standard deviation used for normalisation.
@@ -98,6 +102,7 @@ class MNISTDataModule(L.LightningDataModule):
         data_dir: str = "data",
         dataset: Literal["mnist", "fashion_mnist"] = "mnist",
         batch_size: int = 64,
+        batch_size_scope: Literal["global", "device"] = "global",
         val_size: int = 5000,
         mean: float = MNIST_MEAN,
         std: float = MNIST_STD,
@@ -124,7 +129,10 @@ class MNISTDataModule(L.LightningDataModule):
         # concurrent run never sees a half-written file. torchvision checks each archive's md5.
         with tempfile.TemporaryDirectory(dir=self.raw_dir) as tmp:
             try:
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                with (
+                    contextlib.redirect_stdout(io.StringIO()),
+                    contextlib.redirect_stderr(io.StringIO()),
+                ):
                     TORCHVISION_CLASSES[self.hparams.dataset](tmp, train=True, download=True)
                     TORCHVISION_CLASSES[self.hparams.dataset](tmp, train=False, download=True)
             except (RuntimeError, OSError) as err:
@@ -150,7 +158,10 @@ class MNISTDataModule(L.LightningDataModule):
         sets = {}
         for split in FILES:
             images, labels = load_split(self.raw_dir, split)
-            sets[split] = images.to(device).float().div_(255).sub_(mean).div_(std), labels.to(device)
+            sets[split] = (
+                images.to(device).float().div_(255).sub_(mean).div_(std),
+                labels.to(device),
+            )
         images, labels = sets["train"]
         if val_size >= len(labels):
             raise UserError(f"val_size {val_size} leaves no training data: the set has {len(labels)} images")
@@ -160,15 +171,33 @@ class MNISTDataModule(L.LightningDataModule):
         self.val_set = TensorBatches(images[val], labels[val])
         self.test_set = TensorBatches(*sets["test"])
 
-    def _loader(self, dataset: TensorBatches, shuffle: bool) -> DataLoader:
-        # Batches come whole from __getitems__, so collation only has to pass them through.
-        return DataLoader(dataset, self.hparams.batch_size, shuffle=shuffle, collate_fn=default_convert)
+    def _batch_size(self) -> int:
+        world_size = self.trainer.world_size if self.trainer else 1
+        if self.hparams.batch_size_scope == "device" or world_size == 1:
+            return self.hparams.batch_size
+        if self.hparams.batch_size % world_size:
+            raise UserError(
+                f"global batch_size {self.hparams.batch_size} does not split evenly over {world_size} processes; "
+                "pick a multiple, or set --data.batch_size_scope device"
+            )
+        return self.hparams.batch_size // world_size
 
+    def _eval_loader(self, dataset: TensorBatches) -> DataLoader:
+        # Lightning's DistributedSampler pads the last shard with repeated samples, which would count
+        # some test images twice. This sampler gives each rank a disjoint shard without padding.
+        sampler = None
+        if self.trainer and self.trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(
+                dataset, self.trainer.world_size, self.trainer.global_rank, shuffle=False
+            )
+        return DataLoader(dataset, self._batch_size(), sampler=sampler, collate_fn=default_convert)
+
+    # Batches come whole from __getitems__, so collation only has to pass them through.
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return DataLoader(self.train_set, self._batch_size(), shuffle=True, collate_fn=default_convert)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._eval_loader(self.test_set)

@@ -6,6 +6,7 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -18,6 +19,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml
 
 # The data already sits in memory (or on the GPU): worker processes would only add overhead.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# main() hands over sys.argv less --verbose, which Lightning would flag as args given twice.
+warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended to run from within Python.*")
 
 
 class EpochLines(Callback):
@@ -60,6 +63,12 @@ class MNISTCLI(LightningCLI):
         )
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume training from")
 
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        # --trainer.enable_checkpointing false must mean no checkpoints at all, ours included.
+        if self.config.trainer.enable_checkpointing is False and "checkpoint" in self.parser.callback_keys:
+            self.parser.callback_keys.remove("checkpoint")
+        return super().instantiate_trainer(**kwargs)
+
 
 def cli_main(args: list[str] | None = None) -> dict:
     """Parse the command line, train, test the best checkpoint; returns what ``metrics.json`` holds."""
@@ -70,12 +79,21 @@ def cli_main(args: list[str] | None = None) -> dict:
         args=args,
         run=False,
         seed_everything_default=42,
-        trainer_defaults={"enable_progress_bar": interactive, "callbacks": [] if interactive else [EpochLines()]},
+        trainer_defaults={
+            "enable_progress_bar": interactive,
+            "callbacks": [] if interactive else [EpochLines()],
+        },
         parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else []},
         save_config_kwargs={"overwrite": True},
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    if trainer.logger:
+        # Fix the version folder here, or under ddp_spawn the fit's and the test's spawned
+        # processes would each pick a new one.
+        trainer.logger.version  # noqa: B018
+    start = time.perf_counter()
     trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
+    fit_seconds = time.perf_counter() - start
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     ckpt_path = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
     test_metrics = trainer.test(model, datamodule=data, ckpt_path=ckpt_path, verbose=False)[0]
@@ -83,13 +101,21 @@ def cli_main(args: list[str] | None = None) -> dict:
         **fit_metrics,
         **test_metrics,
         "best_model_path": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
+        "fit_seconds": fit_seconds,
+        "global_step": trainer.global_step,
         "config": cli.parser.dump(cli.config, format="json", skip_check=True),
     }
     result["config"] = json.loads(result["config"])
+    log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
     if trainer.is_global_zero:
-        if trainer.log_dir:
-            Path(trainer.log_dir, "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(f"test/acc {result['test/acc']:.4f}  test/loss {result['test/loss']:.4f}  ({ckpt_path or 'final'} weights)")
+        if log_dir:
+            Path(log_dir, "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(
+            f"test/acc {result['test/acc']:.4f}  test/loss {result['test/loss']:.4f}  ({ckpt_path or 'final'} weights)"
+        )
+    if torch.distributed.is_initialized():
+        # Under torchrun nobody else tears the group down, and gloo aborts at interpreter exit.
+        torch.distributed.destroy_process_group()
     return result
 
 

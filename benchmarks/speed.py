@@ -1,0 +1,125 @@
+"""Side-by-side training speed: ``python benchmarks/speed.py DATA_DIR [--device cuda] [--batch-sizes 64 256]``.
+
+Every variant is its own process, timed from launch to exit, with its peak RSS from wait4:
+  (a) the seed tutorial: per-sample ToTensor + Normalize, DataLoader, plain loop (CPU only)
+  (b) the lower bound: plain loop over in-memory tensors, index-sliced batches, no DataLoader
+  (c) ``python -m mnist_lightning.fit``: validation, TensorBoard, checkpoints and the final test included
+The training-loop time of (c) is Trainer.fit's, so it includes the per-epoch validation and checkpointing.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TRAIN_SAMPLES = 55_000  # (a) and (b) use all 60k; ms/step below is per optimizer step either way
+FLOPS_PER_SAMPLE = 6 * (784 * 128 + 128 * 64 + 64 * 10)  # forward + backward of the MLP's matmuls
+
+
+def timed(cmd: list[str], cwd: str) -> tuple[float, float, str]:
+    """Run cmd; return (wall seconds, peak RSS in MiB, stdout)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return wall, usage.ru_maxrss / 1024, out
+
+
+def baseline(which: str, data_dir: str, batch_size: int, epochs: int, device: str) -> dict:
+    cmd = [
+        sys.executable,
+        str(HERE / "baselines.py"),
+        which,
+        data_dir,
+        "--batch-size",
+        str(batch_size),
+    ]
+    cmd += ["--epochs", str(epochs)] + (["--device", device] if which == "in_memory" else [])
+    wall, rss, out = timed(cmd, cwd=str(HERE))
+    result = json.loads(out.strip().splitlines()[-1])
+    steps = epochs * -(-60_000 // batch_size)
+    return {"wall_s": wall, "rss_mib": rss, "steps": steps, "samples": 60_000 * epochs, **result}
+
+
+def lightning_fit(data_dir: str, batch_size: int, epochs: int, device: str, *extra: str) -> dict:
+    accelerator = "gpu" if device == "cuda" else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "mnist_lightning.fit", *extra, "--data.data_dir", data_dir]
+        cmd += ["--data.batch_size", str(batch_size), "--trainer.max_epochs", str(epochs)]
+        cmd += ["--trainer.accelerator", accelerator]
+        wall, rss, _ = timed(cmd, cwd=tmp)
+        metrics = json.loads(next(Path(tmp).glob("lightning_logs/version_*/metrics.json")).read_text())
+    return {
+        "wall_s": wall,
+        "rss_mib": rss,
+        "steps": metrics["global_step"],
+        "samples": TRAIN_SAMPLES * epochs,
+        "test_acc": metrics["test/acc"],
+        "train_s": metrics["fit_seconds"],
+    }
+
+
+def row(name: str, r: dict, ref: dict) -> str:
+    gflops = FLOPS_PER_SAMPLE * r["samples"] / r["train_s"] / 1e9
+    ratios = "  ".join(
+        f"{k}: {r['wall_s'] / v['wall_s']:.2f}x / {r['train_s'] / v['train_s']:.2f}x" for k, v in ref.items()
+    )
+    return (
+        f"| {name} | {r['wall_s']:.1f} | {r['train_s']:.2f} | {r['samples'] / r['train_s']:,.0f} "
+        f"| {1000 * r['train_s'] / r['steps']:.3f} | {gflops:.1f} | {r['rss_mib']:.0f} "
+        f"| {100 * r['test_acc']:.2f} | {ratios} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_dir", help="folder holding MNIST/raw/")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--no-tutorial", action="store_true", help="skip (a), which takes ~40 s on 2 cores")
+    parser.add_argument(
+        "--fit-args",
+        nargs="*",
+        default=[],
+        help="extra options for every (c) run, e.g. --model.compile true",
+    )
+    args = parser.parse_args()
+    data_dir, epochs = str(Path(args.data_dir).resolve()), args.epochs
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, device {args.device}, {epochs} epochs\n")
+    print(
+        "| variant | wall s | train-loop s | samples/s | ms/step | GFLOP/s | peak RSS MiB | test acc % "
+        "| c/a and c/b (wall / loop) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for bs in args.batch_sizes:
+        ref = {}
+        if not args.no_tutorial and args.device == "cpu":
+            ref["a"] = baseline("tutorial", data_dir, bs, epochs, args.device)
+            print(row(f"(a) tutorial, batch {bs}", ref["a"], {}), flush=True)
+        ref["b"] = baseline("in_memory", data_dir, bs, epochs, args.device)
+        print(row(f"(b) in-memory loop, batch {bs}", ref["b"], {}), flush=True)
+        c = lightning_fit(data_dir, bs, epochs, args.device, *args.fit_args)
+        print(row(f"(c) fit default.yaml, batch {bs}", c, ref), flush=True)
+        seed = lightning_fit(
+            data_dir,
+            bs,
+            epochs,
+            args.device,
+            "--config",
+            str(HERE.parent / "configs" / "seed.yaml"),
+            *args.fit_args,
+        )
+        print(row(f"(c) fit seed.yaml, batch {bs}", seed, ref), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""DDP on CPU processes (gloo): the same properties a multi-GPU or multi-node run relies on."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, run_module
+
+from mnist_lightning.data import MNISTDataModule
+from mnist_lightning.model import MNISTClassifier
+
+pytestmark = pytest.mark.slow
+
+# One epoch at a low learning rate, so accuracy lands well between chance and 100% and a
+# miscounted test image would show.
+HALF_TRAINED = [*FAST, "--trainer.max_epochs", "1", "--model.lr", "3e-4", "--model.scheduler", "none"]
+
+
+def single_process_test_count(ckpt: Path, data_dir: Path) -> tuple[int, int]:
+    """Correct predictions of a checkpoint on the full test set, in this process, without Lightning."""
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model = MNISTClassifier(**{k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")})
+    model.load_state_dict(checkpoint["state_dict"])
+    data = MNISTDataModule(data_dir=str(data_dir), val_size=100)
+    data.setup("test")
+    with torch.no_grad():
+        predictions = model(data.test_set.images).argmax(1)
+    return int((predictions == data.test_set.labels).sum()), len(data.test_set)
+
+
+def check_run(root: Path, data_dir: Path, out: str) -> dict:
+    """One version folder, written by one process; metrics equal a single-process evaluation."""
+    (version,) = (root / "lightning_logs").iterdir()
+    writers = {p.name.split(".")[4] for p in version.glob("events.out.tfevents.*")}  # the writer's pid
+    assert len(writers) == 1
+    metrics = json.loads((version / "metrics.json").read_text())
+    assert out.count("epoch 1/1") == 1  # printed by rank zero only
+    correct, total = single_process_test_count(Path(metrics["best_model_path"]), data_dir)
+    assert 0.2 < correct / total < 0.99  # half trained, so the comparison below means something
+    assert round(metrics["test/acc"] * total) == correct
+    return metrics
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_single_process(data_dir, tmp_path):
+    args = ["--data.data_dir", str(data_dir), *HALF_TRAINED, "--trainer.accelerator", "cpu"]
+    (tmp_path / "one").mkdir()
+    run_module("mnist_lightning.fit", *args, cwd=tmp_path / "one")
+    ddp_dir = tmp_path / "ddp"
+    ddp_dir.mkdir()
+    proc = run_module("mnist_lightning.fit", *args, "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=ddp_dir)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr  # the second process really joined
+    metrics = check_run(ddp_dir, data_dir, proc.stdout)
+    one = json.loads(next((tmp_path / "one").glob("lightning_logs/version_0/metrics.json")).read_text())
+    # A global batch split over two ranks takes the same number of optimizer steps as one process.
+    assert metrics["global_step"] == one["global_step"]
+    assert sorted(p.name for p in Path(metrics["best_model_path"]).parent.iterdir())[-1] == "last.ckpt"
+
+
+def test_two_nodes_under_torchrun(data_dir, tmp_path):
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "-m",
+                "mnist_lightning.fit",
+                "--data.data_dir",
+                str(data_dir),
+                *HALF_TRAINED,
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.devices",
+                "1",
+                "--trainer.num_nodes",
+                "2",
+                "--trainer.strategy",
+                "ddp",
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, out + err
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1][1]
+    check_run(tmp_path, data_dir, outputs[0][0] + outputs[1][0])
+
+
+@pytest.mark.parametrize(
+    "options", [["--trainer.strategy", "ddp_spawn", "--trainer.devices", "2"], ["--trainer.precision", "bf16-mixed"]]
+)
+def test_smoke(data_dir, tmp_path, options):
+    run_module(
+        "mnist_lightning.fit",
+        "--data.data_dir",
+        str(data_dir),
+        *HALF_TRAINED,
+        "--trainer.accelerator",
+        "cpu",
+        *options,
+        cwd=tmp_path,
+    )
+    metrics = json.loads(next(tmp_path.glob("lightning_logs/version_0/metrics.json")).read_text())
+    assert metrics["test/acc"] > 0.2
