@@ -23,29 +23,34 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended to run from within Python.*")
 
 
-class EpochLines(Callback):
-    """One plain line per epoch, for logs and pipes where a progress bar would be carriage-return spam."""
+class EpochTimer(Callback):
+    """Times each training epoch (validation included); prints one plain line per epoch if asked.
 
-    def __init__(self):
-        self.start, self.done = 0.0, False
+    The lines are for logs and pipes, where a progress bar would be carriage-return spam.
+    """
+
+    def __init__(self, print_lines: bool):
+        self.print_lines, self.seconds, self.start, self.done = print_lines, [], 0.0, False
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module) -> None:
-        self._print(trainer)
+        self._finish(trainer)
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module) -> None:
         # Callbacks run before the module's own on_train_epoch_end, where train/ metrics are
         # logged, so the line is printed at the next epoch's start or at the end of training.
+        self.seconds.append(time.perf_counter() - self.start)
         self.done = True
 
     def on_train_end(self, trainer: Trainer, pl_module) -> None:
-        self._print(trainer)
+        self._finish(trainer)
 
-    def _print(self, trainer: Trainer) -> None:
-        if self.done and trainer.is_global_zero:
+    def _finish(self, trainer: Trainer) -> None:
+        if self.done and self.print_lines and trainer.is_global_zero:
             metrics = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()))
-            epoch = f"epoch {trainer.current_epoch}/{trainer.max_epochs}"
-            print(f"{epoch}  {metrics}  ({time.perf_counter() - self.start:.1f}s)", flush=True)
+            print(
+                f"epoch {trainer.current_epoch}/{trainer.max_epochs}  {metrics}  ({self.seconds[-1]:.1f}s)", flush=True
+            )
         self.done = False
 
 
@@ -73,6 +78,7 @@ class MNISTCLI(LightningCLI):
 def cli_main(args: list[str] | None = None) -> dict:
     """Parse the command line, train, test the best checkpoint; returns what ``metrics.json`` holds."""
     interactive = sys.stderr.isatty()
+    timer = EpochTimer(print_lines=not interactive)
     cli = MNISTCLI(
         MNISTClassifier,
         MNISTDataModule,
@@ -81,7 +87,7 @@ def cli_main(args: list[str] | None = None) -> dict:
         seed_everything_default=42,
         trainer_defaults={
             "enable_progress_bar": interactive,
-            "callbacks": [] if interactive else [EpochLines()],
+            "callbacks": [timer],
         },
         parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else []},
         save_config_kwargs={"overwrite": True},
@@ -102,7 +108,9 @@ def cli_main(args: list[str] | None = None) -> dict:
         **test_metrics,
         "best_model_path": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
         "fit_seconds": fit_seconds,
+        "epoch_seconds": timer.seconds,
         "global_step": trainer.global_step,
+        "train_samples": len(data.train_set),
         "config": cli.parser.dump(cli.config, format="json", skip_check=True),
     }
     result["config"] = json.loads(result["config"])
