@@ -22,7 +22,7 @@ def test_print_config_shows_the_default_recipe(capsys):
         cli_main(["--print_config"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert "scheduler: onecycle" in out and "hidden1: 128" in out and "batch_size: 256" in out
+    assert "scheduler: onecycle" in out and "hidden1: 128" in out and "batch_size: 128" in out
 
 
 def test_seed_config_overrides_default(capsys):
@@ -46,7 +46,7 @@ def test_extending_a_one_cycle_run_is_refused(data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli_main(["--data.data_dir", str(data_dir), *FAST])
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    with pytest.raises(UserError, match="one-cycle schedule ends after 8 steps but this run needs 12"):
+    with pytest.raises(UserError, match="one-cycle schedule ends after 16 steps but this run needs 24"):
         cli_main(
             [
                 "--data.data_dir",

@@ -10,7 +10,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, default_convert
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_convert
 from torchvision import datasets
 
 from mnist_lightning.errors import UserError
@@ -182,22 +182,30 @@ class MNISTDataModule(L.LightningDataModule):
             )
         return self.hparams.batch_size // world_size
 
-    def _eval_loader(self, dataset: TensorBatches) -> DataLoader:
-        # Lightning's DistributedSampler pads the last shard with repeated samples, which would count
-        # some test images twice. This sampler gives each rank a disjoint shard without padding.
-        sampler = None
-        if self.trainer and self.trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(
-                dataset, self.trainer.world_size, self.trainer.global_rank, shuffle=False
-            )
+    def _sampler(self, dataset: TensorBatches, shuffle: bool) -> DistributedSampler | None:
+        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        if shuffle:
+            # Our own DistributedSampler, even on one process: Lightning leaves it in place and calls
+            # set_epoch, so every epoch reshuffles with seed + epoch, the same on every rank (each
+            # takes a disjoint shard) and the same after a resume. torch.initial_seed() is the run's
+            # --seed_everything.
+            return DistributedSampler(dataset, world_size, rank, shuffle=True, seed=torch.initial_seed())
+        if world_size > 1:
+            # Lightning's DistributedSampler would pad the last shard with repeated images, which
+            # would count some test images twice; this one leaves the shards uneven instead.
+            return UnrepeatedDistributedSampler(dataset, world_size, rank, shuffle=False)
+        return None
+
+    def _loader(self, dataset: TensorBatches, shuffle: bool) -> DataLoader:
+        # Batches come whole from __getitems__, so collation only has to pass them through.
+        sampler = self._sampler(dataset, shuffle)
         return DataLoader(dataset, self._batch_size(), sampler=sampler, collate_fn=default_convert)
 
-    # Batches come whole from __getitems__, so collation only has to pass them through.
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, self._batch_size(), shuffle=True, collate_fn=default_convert)
+        return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
+        return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_set)
+        return self._loader(self.test_set, shuffle=False)

@@ -10,9 +10,11 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from mnist_lightning.data import MNISTDataModule
-from mnist_lightning.errors import run_main
+from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.model import MNISTClassifier
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
@@ -66,13 +68,60 @@ class MNISTCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume training from")
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="checkpoint to resume from, or 'last' for the newest run's last.ckpt; logs continue in its folder",
+        )
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
+        config = self.config.trainer
         # --trainer.enable_checkpointing false must mean no checkpoints at all, ours included.
-        if self.config.trainer.enable_checkpointing is False and "checkpoint" in self.parser.callback_keys:
+        if config.enable_checkpointing is False and "checkpoint" in self.parser.callback_keys:
             self.parser.callback_keys.remove("checkpoint")
+        if config.logger in (None, True):  # the default logger, not one the user configured
+            root = Path(config.default_root_dir or ".").resolve() / "lightning_logs"
+            self.config.ckpt_path, version = resolve_resume(root, self.config.ckpt_path)
+            kwargs["logger"] = TensorBoardLogger(root.parent, version=version, default_hp_metric=False)
         return super().instantiate_trainer(**kwargs)
+
+
+def resolve_resume(root: Path, ckpt_path: str | None) -> tuple[str | None, int | None]:
+    """The checkpoint to resume from and the version folder to log into.
+
+    Resuming from ``<root>/version_N/checkpoints/*.ckpt`` continues in version_N, so TensorBoard
+    shows one curve. A new run gets a new folder, created here with mkdir, which fails for all but
+    one of several runs started at once. Only rank zero creates folders; other ranks learn the
+    folder from it through Lightning's broadcasts.
+    """
+    if ckpt_path == "last":
+        found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(f"--ckpt_path last: no run in {root}/ has a checkpoints/last.ckpt to resume from")
+        ckpt_path = str(found[-1])
+    if ckpt_path is not None:
+        folder = Path(ckpt_path).resolve().parent.parent
+        if folder.parent == root.resolve() and folder.name.removeprefix("version_").isdigit():
+            return ckpt_path, int(folder.name.removeprefix("version_"))
+        return ckpt_path, None if rank_zero_only.rank else claim_version(root)
+    return None, None if rank_zero_only.rank else claim_version(root)
+
+
+def claim_version(root: Path) -> int:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        version = max((int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()), default=-1) + 1
+        while True:
+            try:
+                (root / f"version_{version}").mkdir()
+                return version
+            except FileExistsError:
+                version += 1
+    except OSError as err:
+        raise UserError(
+            f"cannot create a run folder in {root}/ ({err.strerror}); pass --trainer.default_root_dir DIR you can write"
+        ) from None
 
 
 def cli_main(args: list[str] | None = None) -> dict:
@@ -95,7 +144,7 @@ def cli_main(args: list[str] | None = None) -> dict:
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     if trainer.logger:
         # Fix the version folder here, or under ddp_spawn the fit's and the test's spawned
-        # processes would each pick a new one.
+        # processes would each pick a new one (a configured logger may not have one yet).
         trainer.logger.version  # noqa: B018
     start = time.perf_counter()
     trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
@@ -110,7 +159,8 @@ def cli_main(args: list[str] | None = None) -> dict:
         "fit_seconds": fit_seconds,
         "epoch_seconds": timer.seconds,
         "global_step": trainer.global_step,
-        "train_samples": len(data.train_set),
+        # Under ddp_spawn the data lived in the spawned processes only.
+        "train_samples": len(data.train_set) if hasattr(data, "train_set") else None,
         "config": cli.parser.dump(cli.config, format="json", skip_check=True),
     }
     result["config"] = json.loads(result["config"])

@@ -56,7 +56,7 @@ class MNISTClassifier(L.LightningModule):
         # One accuracy and one mean loss per stage; as torchmetrics they sum correctly across DDP ranks.
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(10, average="micro", validate_args=False))
-            setattr(self, f"{stage}_loss", MeanMetric())
+            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))  # a NaN must show, not vanish
         # Persistent, so that the best so far survives a resume from checkpoint.
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)
@@ -86,10 +86,20 @@ class MNISTClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._step(batch, "train")
-        # The per-step curve, on the steps where Lightning writes to the logger anyway.
+        # The per-step curve, on the steps where Lightning writes to the logger anyway, and the
+        # finiteness check there too: on a GPU it waits for the device, so not on every step.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False)
+            self._check_finite(loss, f"at step {self.global_step}")
         return loss
+
+    def _check_finite(self, loss: torch.Tensor, where: str) -> None:
+        # Raised before the epoch's checkpoint is written, so the last good checkpoint survives.
+        if not torch.isfinite(loss):
+            raise UserError(
+                f"train/loss is {float(loss)} {where} (epoch {self.current_epoch}); training stopped and the "
+                "last good checkpoint kept. Lower --model.lr or check the input data"
+            )
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -120,6 +130,7 @@ class MNISTClassifier(L.LightningModule):
         # The sanity check's two batches must not count towards the best. Every rank sees the
         # same synchronised val/acc, so every rank tracks the same best.
         if not self.trainer.sanity_checking:
+            self._check_finite(self.train_loss.compute(), "in the epoch's mean")
             self.val_acc_best.update(self.val_acc.compute())
             # Not the Metric object: Lightning would reset it after logging. sync_dist only averages
             # a value that is already equal on every rank.
