@@ -58,6 +58,22 @@ FAST = [
 ]
 
 
+@pytest.fixture(scope="session")
+def fit_result(data_dir, tmp_path_factory) -> dict:
+    """A tiny fit, once per session; a low peak lr, so that some test digits are misread."""
+    from mnist_lightning.fit import cli_main
+
+    root = tmp_path_factory.mktemp("fit")
+    recipe = ["--data.batch_size", "256", "--model.scheduler", "onecycle", "--model.lr", "0.001"]
+    return cli_main(["--data.data_dir", str(data_dir), *FAST, *recipe, "--trainer.default_root_dir", str(root)])
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(fit_result) -> Path:
+    """The best checkpoint of that fit, the one it tested."""
+    return Path(fit_result["best_model_path"])
+
+
 def run_module(module: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` the way a user would, with output captured."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_module
 
+from conftest import FAST, run_module
 from mnist_lightning.data import MNISTDataModule
 from mnist_lightning.model import MNISTClassifier
 

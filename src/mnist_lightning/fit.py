@@ -1,12 +1,15 @@
 """Train, validate each epoch, test the best checkpoint: ``python -m mnist_lightning.fit [--help]``."""
 
 import json
+import shutil
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -63,7 +66,7 @@ class MNISTCLI(LightningCLI):
             {
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,  # last.ckpt has a callback of its own, see cli_main
                 "checkpoint.filename": "best-epoch{epoch}-val_acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
             }
@@ -78,8 +81,11 @@ class MNISTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self.config.trainer
         # --trainer.enable_checkpointing false must mean no checkpoints at all, ours included.
-        if config.enable_checkpointing is False and "checkpoint" in self.parser.callback_keys:
-            self.parser.callback_keys.remove("checkpoint")
+        if config.enable_checkpointing is False:
+            self.parser.callback_keys = [k for k in self.parser.callback_keys if k != "checkpoint"]
+            self.trainer_defaults["callbacks"] = [
+                c for c in self.trainer_defaults["callbacks"] if not isinstance(c, ModelCheckpoint)
+            ]
         if config.logger in (None, True):  # the default logger, not one the user configured
             root = Path(config.default_root_dir or ".").resolve() / "lightning_logs"
             self.config.ckpt_path, version = resolve_resume(root, self.config.ckpt_path)
@@ -128,26 +134,41 @@ def cli_main(args: list[str] | None = None) -> dict:
     """Parse the command line, train, test the best checkpoint; returns what ``metrics.json`` holds."""
     interactive = sys.stderr.isatty()
     timer = EpochTimer(print_lines=not interactive)
-    cli = MNISTCLI(
-        MNISTClassifier,
-        MNISTDataModule,
-        args=args,
-        run=False,
-        seed_everything_default=42,
-        trainer_defaults={
-            "enable_progress_bar": interactive,
-            "callbacks": [timer],
-        },
-        parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else []},
-        save_config_kwargs={"overwrite": True},
-    )
+    # last.ckpt after every epoch, for resuming: save_last=True on the val/acc checkpoint would only
+    # refresh it in the epochs that improve val/acc.
+    last = ModelCheckpoint(filename="last", enable_version_counter=False)
+    default_config = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else []
+    try:
+        cli = MNISTCLI(
+            MNISTClassifier,
+            MNISTDataModule,
+            args=args,
+            run=False,
+            seed_everything_default=42,
+            trainer_defaults={"enable_progress_bar": interactive, "callbacks": [timer, last]},
+            # Raise instead of printing the whole usage, so that a mistake reads as one line.
+            parser_kwargs={"default_config_files": default_config, "exit_on_error": False},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # the model's own configure_optimizers is the one
+        )
+    except ArgumentError as err:
+        raise UserError(f"{' '.join(str(err).split())} (see --help)") from None
+    except MisconfigurationException as err:  # e.g. --trainer.accelerator gpu on a machine without one
+        raise UserError(f"{err} (check --trainer.accelerator, --trainer.devices, --trainer.strategy)") from None
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     if trainer.logger:
         # Fix the version folder here, or under ddp_spawn the fit's and the test's spawned
         # processes would each pick a new one (a configured logger may not have one yet).
         trainer.logger.version  # noqa: B018
     start = time.perf_counter()
-    trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
+    except UserError:
+        # A run that failed before its first checkpoint (bad data, say) leaves no empty folder behind.
+        run_dir = Path(trainer.logger.log_dir) if trainer.logger and trainer.is_global_zero else None
+        if run_dir and run_dir.is_dir() and not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir)
+        raise
     fit_seconds = time.perf_counter() - start
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     ckpt_path = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None

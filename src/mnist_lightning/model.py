@@ -49,6 +49,12 @@ class MNISTClassifier(L.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
+        if min(hidden1, hidden2) <= 0:
+            raise UserError(f"hidden sizes must be positive, got {hidden1} and {hidden2}")
+        if lr <= 0 or weight_decay < 0:
+            raise UserError(f"lr must be positive and weight_decay not negative, got {lr} and {weight_decay}")
+        if not 0 <= label_smoothing < 1:
+            raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()
         self.net = MLP(hidden1, hidden2)
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -56,7 +62,7 @@ class MNISTClassifier(L.LightningModule):
         # One accuracy and one mean loss per stage; as torchmetrics they sum correctly across DDP ranks.
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(10, average="micro", validate_args=False))
-            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))  # a NaN must show, not vanish
+            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy=float("nan")))  # NaN in, NaN out; weights kept
         # Persistent, so that the best so far survives a resume from checkpoint.
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)

@@ -1,0 +1,126 @@
+"""Ship a checkpoint: ``python -m mnist_lightning.export --ckpt_path PATH --format onnx|torchscript --output FILE``.
+
+The exported graph takes a float batch (N, 1, 28, 28) of raw 0-255 pixels and returns the ten logits;
+it normalises with the checkpoint's mean and std itself, unless ``--normalised-input`` leaves that out.
+The export is loaded back and checked against PyTorch before it is written.
+"""
+
+import argparse
+import io
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mnist_lightning.checkpoint import load_checkpoint
+from mnist_lightning.errors import UserError, run_main
+
+TOLERANCE = 1e-4  # on the logits; float32 kernels of different runtimes differ by ~1e-6
+
+# torch.jit is deprecated in favour of torch.export, and the ONNX exporter used here (the TorchScript
+# one, which unlike the dynamo one needs no onnxscript) says so too; both still work.
+warnings.filterwarnings("ignore", r".*torch\.jit.*is deprecated.*", FutureWarning)
+warnings.filterwarnings("ignore", ".*legacy TorchScript-based ONNX export.*", DeprecationWarning)
+
+
+class RawPixels(nn.Module):
+    """The network behind the normalisation it was trained with: 0-255 pixels in, logits out."""
+
+    def __init__(self, net: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.net, self.mean, self.std = net, mean, std
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # The same operations, in the same order, as MNISTDataModule's normalisation.
+        return self.net(pixels.div(255).sub(self.mean).div(self.std))
+
+
+def to_onnx(module: nn.Module, example: torch.Tensor, input_name: str) -> bytes:
+    buffer = io.BytesIO()
+    try:
+        torch.onnx.export(
+            module,
+            (example,),
+            buffer,
+            dynamo=False,
+            input_names=[input_name],
+            output_names=["logits"],
+            dynamic_axes={input_name: {0: "batch"}, "logits": {0: "batch"}},
+        )
+    except torch.onnx.OnnxExporterError as err:
+        raise UserError(f"ONNX export failed ({err}); pip install onnx, or the project's [dev] extra") from None
+    return buffer.getvalue()
+
+
+def run_onnx(exported: bytes, x: torch.Tensor) -> torch.Tensor:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("checking an ONNX export needs onnxruntime; pip install onnxruntime") from None
+    session = onnxruntime.InferenceSession(exported, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def to_torchscript(module: nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(module), buffer)
+    return buffer.getvalue()
+
+
+def run_torchscript(exported: bytes, x: torch.Tensor) -> torch.Tensor:
+    return torch.jit.load(io.BytesIO(exported))(x)
+
+
+def export(ckpt_path: str, kind: str, normalised_input: bool = False) -> tuple[bytes, float]:
+    """The exported file's bytes and its max abs difference from PyTorch on a batch of 7 random images."""
+    model, (mean, std), _ = load_checkpoint(ckpt_path)
+    module = model.net if normalised_input else RawPixels(model.net, mean, std)
+    # Pixels that look like an image's, so the check exercises the normalisation as well.
+    pixels = torch.randint(0, 256, (7, 1, 28, 28), generator=torch.Generator().manual_seed(0)).float()
+    x = pixels.sub(mean * 255).div(std * 255) if normalised_input else pixels
+    with torch.inference_mode():
+        expected = module(x)
+    # Traced with a batch of 2, checked with 7: the batch dimension must really be dynamic.
+    if kind == "onnx":
+        exported = to_onnx(module, x[:2], "normalised" if normalised_input else "pixels")
+        got = run_onnx(exported, x)
+    else:
+        exported = to_torchscript(module)
+        got = run_torchscript(exported, x)
+    return exported, (got - expected).abs().max().item()
+
+
+def cli_main(args: list[str] | None = None) -> float:
+    """Export, check and write; returns the max abs difference from PyTorch."""
+    parser = argparse.ArgumentParser(prog="python -m mnist_lightning.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by mnist_lightning.fit")
+    parser.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    parser.add_argument("--output", required=True, type=Path, help="file to write, e.g. model.onnx or model.pt")
+    parser.add_argument(
+        "--normalised-input", action="store_true", help="leave out the normalisation: inputs are normalised already"
+    )
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
+    config = parser.parse_args(args)
+    exported, difference = export(config.ckpt_path, config.format, config.normalised_input)
+    if not math.isfinite(difference) or difference > TOLERANCE:
+        raise UserError(
+            f"the {config.format} export differs from PyTorch by up to {difference:.2e} (tolerance {TOLERANCE:.0e}); "
+            "nothing was written"
+        )
+    try:
+        config.output.write_bytes(exported)
+    except OSError as err:
+        raise UserError(f"cannot write {config.output} ({err.strerror}); pass --output somewhere writable") from None
+    print(f"wrote {config.output} ({config.format}, {len(exported):,} bytes)")
+    print(f"max abs difference from PyTorch on a batch of 7: {difference:.2e} (tolerance {TOLERANCE:.0e})")
+    return difference
+
+
+def main() -> None:
+    run_main(cli_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+import os
+import random
+import shlex
+
+import pytest
+import torch
+
+from conftest import run_module
+from mnist_lightning import evaluate, export, predict
+from mnist_lightning.checkpoint import load_checkpoint
+from mnist_lightning.errors import UserError, run_main
+from mnist_lightning.model import MNISTClassifier
+
+
+class RunsACommand:
+    """Unpickling this runs a shell command: the kind of payload a downloaded checkpoint may carry."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def written(path, content: bytes | dict | torch.Tensor):
+    path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+    return path
+
+
+def real(ckpt) -> dict:
+    return torch.load(ckpt, weights_only=True)
+
+
+def with_state(ckpt, state: dict, **hparams) -> dict:
+    checkpoint = real(ckpt)
+    checkpoint["state_dict"] = state
+    checkpoint["hyper_parameters"].update(hparams)
+    return checkpoint
+
+
+def nan_bias(ckpt) -> dict:
+    state = real(ckpt)["state_dict"]
+    state["net.5.bias"][3] = float("nan")
+    return with_state(ckpt, state)
+
+
+# Each case: what to write in place of the good checkpoint, and what the message must say.
+CASES = {
+    "missing": (lambda ckpt: None, "does not exist"),
+    "empty": (lambda ckpt: b"", "is empty"),
+    "random bytes": (lambda ckpt: random.Random(0).randbytes(5000), "truncated, corrupt or not a PyTorch checkpoint"),
+    "text": (lambda ckpt: b"epoch: 3\nacc: 0.98\n", "truncated, corrupt or not a PyTorch checkpoint"),
+    "truncated": (lambda ckpt: ckpt.read_bytes()[: ckpt.stat().st_size // 2], "truncated, corrupt"),
+    "not a dict": (lambda ckpt: torch.zeros(3), "holds a Tensor, not a checkpoint"),
+    "other project": (
+        lambda ckpt: {"state_dict": {"conv.weight": torch.zeros(3)}, "hyper_parameters": {"lr": 0.1}},
+        "is not from mnist_lightning",
+    ),
+    "other keys": (
+        lambda ckpt: with_state(ckpt, {"fc.weight": torch.zeros(1)}),
+        "holds another network .*missing net.1.bias, .*unexpected fc.weight",
+    ),
+    "other hidden sizes": (
+        lambda ckpt: with_state(ckpt, MNISTClassifier(32, 16).state_dict(), hidden1=128, hidden2=64),
+        r"net.1.weight: checkpoint \(32, 784\) vs model \(128, 784\); net.1.bias: checkpoint \(32,\)",
+    ),
+    "nan weights": (nan_bias, "NaN or infinite weights in net.5.bias"),
+}
+
+
+@pytest.fixture(params=CASES, ids=list(CASES))
+def bad_ckpt(request, tmp_path, trained_ckpt):
+    content, message = CASES[request.param]
+    content = content(trained_ckpt)
+    return tmp_path / "bad.ckpt" if content is None else written(tmp_path / "bad.ckpt", content), message
+
+
+def test_loads_fits_checkpoint_in_eval_mode_with_its_normalisation(fit_result, trained_ckpt, data_dir):
+    model, (mean, std), data = load_checkpoint(trained_ckpt)
+    assert not model.training and (mean, std) == (
+        fit_result["config"]["data"]["mean"],
+        fit_result["config"]["data"]["std"],
+    )
+    assert data["data_dir"] == str(data_dir) and "_instantiator" not in data
+    for name, tensor in real(trained_ckpt)["state_dict"].items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_the_network_is_built_from_the_checkpoints_hidden_sizes(tmp_path, trained_ckpt):
+    small = with_state(trained_ckpt, MNISTClassifier(32, 16).state_dict(), hidden1=32, hidden2=16)
+    path = written(tmp_path / "small.ckpt", small)
+    model, _, _ = load_checkpoint(path)
+    assert model.net[1].weight.shape == (32, 784) and model.net[3].weight.shape == (16, 32)
+
+
+def test_bad_checkpoints_get_one_line_naming_the_file(bad_ckpt):
+    path, message = bad_ckpt
+    with pytest.raises(UserError, match=message) as err:
+        load_checkpoint(path)
+    assert str(err.value).startswith(f"checkpoint {path} ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("module", [evaluate, predict, export])
+def test_clis_exit_2_with_one_line_and_no_traceback(module, bad_ckpt, tmp_path, capsys):
+    path, message = bad_ckpt
+    args = {evaluate: [], predict: [str(tmp_path)], export: ["--format", "onnx", "--output", str(tmp_path / "m.onnx")]}
+    with pytest.raises(SystemExit) as exit_:
+        run_main(module.cli_main, ["--ckpt_path", str(path), *args[module]])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {path} ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def write_malicious(path, marker) -> None:
+    torch.save({"state_dict": RunsACommand(f"touch {shlex.quote(str(marker))}")}, path)
+
+
+def test_the_payload_works_when_trusted(tmp_path):
+    # Proves the next tests meaningful: loaded without weights_only, this checkpoint runs its command.
+    write_malicious(tmp_path / "evil.ckpt", tmp_path / "pwned")
+    torch.load(tmp_path / "evil.ckpt", weights_only=False)
+    assert (tmp_path / "pwned").exists()
+
+
+def test_a_checkpoint_that_would_run_a_command_is_refused_and_nothing_runs(tmp_path):
+    write_malicious(tmp_path / "evil.ckpt", tmp_path / "pwned")
+    with pytest.raises(UserError, match=r"refused as unsafe: loading it would run code \(.*posix.system"):
+        load_checkpoint(tmp_path / "evil.ckpt")
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_predict_refuses_the_malicious_checkpoint_from_the_command_line(tmp_path):
+    write_malicious(tmp_path / "evil.ckpt", tmp_path / "pwned")
+    proc = run_module("mnist_lightning.predict", "--ckpt_path", "evil.ckpt", ".", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: checkpoint evil.ckpt was refused as unsafe") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "pwned").exists()

@@ -1,0 +1,47 @@
+import json
+import shutil
+
+import pytest
+
+from mnist_lightning.errors import run_main
+from mnist_lightning.evaluate import cli_main
+
+
+def test_evaluate_reports_what_fit_reported_for_the_same_checkpoint(fit_result, trained_ckpt, tmp_path, capsys):
+    result = cli_main(["--ckpt_path", str(trained_ckpt), "--output", str(tmp_path / "eval.json")])
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    # The tiny model misreads some digits, so equal accuracies mean the same images were read the same way.
+    assert 0.5 < saved["accuracy"] < 1 and saved["accuracy"] == pytest.approx(fit_result["test/acc"], abs=1e-6)
+    assert saved["loss"] == pytest.approx(fit_result["test/loss"], rel=1e-5)
+
+    matrix = saved["confusion_matrix"]
+    assert sum(map(sum, matrix)) == saved["images"] == 301
+    for c, row in enumerate(saved["per_class"]):
+        column = [matrix[t][c] for t in range(10)]
+        assert row["images"] == sum(matrix[c]) and row["correct"] == matrix[c][c]
+        assert row["recall"] == row["accuracy"] == pytest.approx(matrix[c][c] / sum(matrix[c]))
+        assert row["precision"] == (matrix[c][c] / sum(column) if sum(column) else None)
+
+    out = capsys.readouterr().out
+    assert f"accuracy    {saved['accuracy']:.4f}" in out and "confusion matrix" in out
+    assert "true\\pred      0     1     2" in out
+    table_row = "        3 " + "".join(f"{n:>6}" for n in matrix[3])
+    assert table_row in out.splitlines()
+
+
+def test_data_options_default_to_the_checkpoints_and_can_be_overridden(fit_result, trained_ckpt, tmp_path, capsys):
+    ckpt = shutil.copy(trained_ckpt, tmp_path / "model.ckpt")
+    default = cli_main(["--ckpt_path", str(ckpt), "--data.batch_size", "7"])
+    # No --data.data_dir: the checkpoint's; the JSON lands beside the checkpoint.
+    assert default["data"]["data_dir"] == fit_result["config"]["data"]["data_dir"]
+    assert default["data"]["batch_size"] == 7 and default["data"]["val_size"] == 100
+    assert json.loads((tmp_path / "model.eval.json").read_text())["accuracy"] == default["accuracy"]
+    assert default["accuracy"] == pytest.approx(fit_result["test/acc"], abs=1e-6)
+
+
+def test_bad_data_options_exit_2_with_one_line(trained_ckpt, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_main(cli_main, ["--ckpt_path", str(trained_ckpt), "--data.batch_size", "0"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: batch_size must be positive, got 0\n"

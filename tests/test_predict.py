@@ -1,0 +1,213 @@
+import csv
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import run_module
+from mnist_lightning.checkpoint import load_checkpoint
+from mnist_lightning.data import MNISTDataModule, load_split
+from mnist_lightning.errors import UserError, run_main
+from mnist_lightning.predict import cli_main, normalise, preprocess, read_image
+
+
+def centre_of_mass(image: np.ndarray) -> tuple[float, float]:
+    weights = image.astype(np.float64)
+    rows, cols = np.indices(image.shape)
+    return (rows * weights).sum() / weights.sum(), (cols * weights).sum() / weights.sum()
+
+
+def drawn_seven(size=(200, 300), ink=0, paper=255) -> Image.Image:
+    """A thick seven drawn the way a paint program would: dark ink on white paper."""
+    image = Image.new("L", size, paper)
+    ImageDraw.Draw(image).line([(60, 40), (140, 40), (100, 260)], fill=ink, width=18)
+    return image
+
+
+def png_claiming(path, width: int, height: int) -> None:
+    """A tiny PNG whose header claims a huge size: what a decompression bomb looks like on open."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_light_background_is_inverted():
+    image = np.random.default_rng(0).integers(0, 100, (28, 28)).astype(np.uint8)
+    image[5:20, 10:14] = 255
+    assert np.array_equal(preprocess(Image.fromarray(255 - image)), image)
+
+
+def test_mnist_style_pngs_give_exactly_the_datamodules_tensors(data_dir, tmp_path):
+    images, _ = load_split(data_dir / "MNIST" / "raw", "test")
+    for i, image in enumerate(images[:, 0].numpy()):
+        Image.fromarray(image).save(tmp_path / f"{i:03d}.png")
+    data = MNISTDataModule(str(data_dir), val_size=100, mean=0.2, std=0.7)
+    data.setup("test")
+    read = np.stack([read_image(tmp_path / f"{i:03d}.png") for i in range(len(images))])
+    assert torch.equal(normalise(read, 0.2, 0.7), data.test_set.images)
+
+
+def test_crop_scale_and_centre_of_mass():
+    image = np.zeros((300, 200), np.uint8)
+    image[20:280, 120:180] = 255  # a 260x60 block, off-centre
+    image[250:280, 20:120] = 255  # and a foot to its left, so the centre of mass is not the box's
+    out = preprocess(Image.fromarray(image))
+    rows, cols = np.nonzero(out)
+    assert (np.ptp(rows) + 1, np.ptp(cols) + 1) == (20, 12)  # 260x160 scaled by 20/260
+    assert centre_of_mass(out) == pytest.approx((13.5, 13.5), abs=0.5)
+    box_centre = ((rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2)
+    assert box_centre != pytest.approx((13.5, 13.5), abs=0.5)
+
+
+def test_a_tall_digit_keeps_its_aspect_ratio():
+    out = preprocess(drawn_seven())
+    rows, cols = np.nonzero(out > 0)
+    height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
+    assert height == 20 and 8 <= width <= 11  # the stroke spans 98x238 px: 20 tall, ~8 wide plus blur
+
+
+def test_a_big_photo_reads_like_a_small_drawing():
+    small, big = preprocess(drawn_seven()), preprocess(drawn_seven().resize((2000, 3000)))
+    assert np.abs(small.astype(int) - big).max() <= 16
+
+
+def test_transparent_canvas_is_flattened_whatever_the_ink_colour():
+    expected = preprocess(drawn_seven())
+    for ink in (0, 255):
+        alpha = 255 - np.asarray(drawn_seven())  # opaque where drawn, transparent elsewhere
+        rgba = np.stack([np.full_like(alpha, ink)] * 3 + [alpha], axis=-1)
+        assert np.array_equal(preprocess(Image.fromarray(rgba, "RGBA")), expected), ink
+
+
+def test_16_bit_images_read_like_8_bit_ones():
+    for image in (drawn_seven(), drawn_seven().resize((28, 28))):
+        wide = Image.fromarray(np.asarray(image, dtype=np.uint16) * 257)
+        assert wide.mode.startswith("I;16")
+        assert np.array_equal(preprocess(wide), preprocess(image))
+
+
+def test_unreadable_files_say_why(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("not an image")
+    drawn_seven().save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:300])
+    png_claiming(tmp_path / "huge.png", 8000, 8000)  # over our limit
+    png_claiming(tmp_path / "bomb.png", 50000, 50000)  # over Pillow's own
+    Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
+    expected = {
+        "empty.png": "empty file",
+        "notes.png": "not an image",
+        "cut.png": "cannot be read: image file is truncated",
+        "huge.png": "decompression bomb",
+        "bomb.png": "decompression bomb",
+        "blank.png": "no digit found",
+        "missing.png": "cannot be read: No such file",
+    }
+    for name, message in expected.items():
+        with pytest.raises(UserError, match=message):
+            read_image(tmp_path / name)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Good images in every accepted format and mode, in nested folders, and four bad ones."""
+    good = {
+        "l.png": drawn_seven(),
+        "rgb.jpg": drawn_seven().convert("RGB"),
+        "p.gif": drawn_seven().convert("P"),
+        "small.bmp": drawn_seven().resize((40, 60)),
+        "sub/dark.webp": drawn_seven(ink=255, paper=0),
+        "sub/deeper/sixteen.png": Image.fromarray(np.asarray(drawn_seven(), dtype=np.uint16) * 257),
+        "sub/rgba.png": Image.fromarray(
+            np.stack([np.zeros((300, 200), np.uint8)] * 3 + [255 - np.asarray(drawn_seven())], axis=-1), "RGBA"
+        ),
+    }
+    for name, image in good.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(tmp_path / name)
+    (tmp_path / "sub" / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("hello")
+    (tmp_path / "sub" / "cut.jpg").write_bytes((tmp_path / "rgb.jpg").read_bytes()[:200])
+    png_claiming(tmp_path / "bomb.png", 50000, 50000)
+    (tmp_path / "readme.txt").write_text("not searched: not an image suffix")
+    return tmp_path, sorted(str(tmp_path / name) for name in good)
+
+
+def test_cli_predicts_every_good_image_and_names_each_bad_one(image_folder, trained_ckpt, tmp_path_factory, capsys):
+    folder, good = image_folder
+    out = tmp_path_factory.mktemp("out")
+    args = ["--ckpt_path", str(trained_ckpt), str(folder), "--output", str(out / "p.json")]
+    with pytest.raises(SystemExit) as exit_:
+        run_main(cli_main, [*args, "--save-preprocessed", str(out / "seen")])
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    errors = captured.err.splitlines()
+    assert sorted(line.split(": ")[1] for line in errors[:-1]) == sorted(
+        str(folder / name) for name in ("bomb.png", "notes.png", "sub/cut.jpg", "sub/empty.png")
+    )
+    assert errors[-1] == "error: 4 of 11 files could not be read (listed above); the rest were predicted"
+    assert "Traceback" not in captured.err
+
+    lines = captured.out.splitlines()
+    assert sorted(line.split("  ")[0] for line in lines) == good
+    predictions = json.loads((out / "p.json").read_text())
+    assert [p["path"] for p in predictions] == [line.split("  ")[0] for line in lines]
+    for p, line in zip(predictions, lines, strict=True):
+        probs = [prob for _, prob in p["top3"]]
+        assert p["top3"][0] == [p["digit"], p["probability"]] and probs == sorted(probs, reverse=True)
+        assert line.split("  ")[1:] == [str(p["digit"]), f"{p['probability']:.3f}", line.split("  ")[3]]
+        assert line.split("  ")[3] == "top3 " + " ".join(f"{d}:{q:.3f}" for d, q in p["top3"])
+    seen = sorted((out / "seen").iterdir())
+    assert len(seen) == 7 and all(Image.open(s).size == (28, 28) for s in seen)
+    # The same drawing in any format, mode or colour is the same digit to the model.
+    assert len({p["digit"] for p in predictions}) == 1
+
+
+def test_csv_output_and_predictions_match_the_model_on_mnist_style_pngs(data_dir, trained_ckpt, tmp_path):
+    images, _ = load_split(data_dir / "MNIST" / "raw", "test")
+    for i, image in enumerate(images[:40, 0].numpy()):
+        Image.fromarray(image).save(tmp_path / f"{i:03d}.png")
+    predictions = cli_main(["--ckpt_path", str(trained_ckpt), str(tmp_path), "--output", str(tmp_path / "p.csv")])
+    model, (mean, std), _ = load_checkpoint(trained_ckpt)
+    with torch.inference_mode():
+        probs = model(images[:40].float().div(255).sub(mean).div(std)).softmax(1)
+    assert [p["digit"] for p in predictions] == probs.argmax(1).tolist()
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert list(rows[0]) == ["path", "digit", "probability", "digit2", "probability2", "digit3", "probability3"]
+    assert [int(r["digit"]) for r in rows] == probs.argmax(1).tolist()
+    assert [float(r["probability"]) for r in rows] == pytest.approx(probs.max(1).values.tolist(), abs=1e-6)
+
+
+def test_bad_output_suffix_is_refused_before_any_work(trained_ckpt, tmp_path):
+    with pytest.raises(UserError, match=r"--output .*p.txt must end in .json or .csv"):
+        cli_main(["--ckpt_path", str(trained_ckpt), str(tmp_path), "--output", str(tmp_path / "p.txt")])
+
+
+@pytest.mark.slow
+def test_command_line_predicts_the_good_files_despite_a_bad_one(trained_ckpt, tmp_path):
+    drawn_seven().save(tmp_path / "seven.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    proc = run_module(
+        "mnist_lightning.predict",
+        "--ckpt_path",
+        str(trained_ckpt),
+        "seven.png",
+        "broken.png",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[0].startswith("error: broken.png: ")
+    assert proc.stdout.startswith("seven.png  ") and proc.stdout.count("\n") == 1

@@ -1,0 +1,168 @@
+"""Kills, resumes, bad config, non-finite loss, concurrent runs, determinism (see docs/reliability.md)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST, run_module
+from mnist_lightning.errors import UserError, run_main
+from mnist_lightning.fit import claim_version, cli_main
+from mnist_lightning.model import MNISTClassifier
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture
+def good_run(data_dir, tmp_path, monkeypatch) -> Path:
+    """A finished run in tmp_path, whose outputs the failing commands below must leave alone."""
+    monkeypatch.chdir(tmp_path)
+    cli_main(["--data.data_dir", str(data_dir), *FAST])
+    return tmp_path / "lightning_logs" / "version_0"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data.batch_size", "0"], "batch_size must be positive, got 0"),
+        (["--model.lr", "-1"], "lr must be positive"),
+        (["--data.val_size", "5000"], "val_size 5000 leaves no training data"),
+        (["--data.dataset", "cifar"], "Expected a typing.Literal['mnist', 'fashion_mnist']. Got value: cifar"),
+        (["--data.bogus", "1"], "unrecognized arguments: --data.bogus 1"),
+        (["--trainer.accelerator", "gpu"], "check --trainer.accelerator"),
+        (["--ckpt_path", "last", "--trainer.default_root_dir", "nowhere"], "no run in"),
+    ],
+)
+def test_bad_config_is_one_line_and_touches_nothing(good_run, data_dir, capsys, args, message):
+    before = snapshot(good_run.parent)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_main(cli_main, ["--data.data_dir", str(data_dir), *FAST, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert snapshot(good_run.parent) == before
+
+
+def test_malformed_yaml_and_verbose(tmp_path, data_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {lr: [0.1\n")
+    proc = run_module("mnist_lightning.fit", "--config", str(bad), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    verbose = run_module("mnist_lightning.fit", "--data.batch_size", "0", "--verbose", cwd=tmp_path, check=False)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr and "UserError" in verbose.stderr
+
+
+@pytest.mark.slow
+def test_uneven_global_batch_over_processes(data_dir, tmp_path):
+    """DDP launches processes, so this case runs as a real command (in pytest they would rerun pytest)."""
+    args = ["--data.data_dir", str(data_dir), *FAST, "--trainer.devices", "3", "--trainer.accelerator", "cpu"]
+    proc = run_module("mnist_lightning.fit", *args, "--trainer.strategy", "ddp", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "global batch_size 128 does not split evenly over 3 processes" in proc.stderr
+    assert not list(tmp_path.glob("lightning_logs/version_*"))  # nothing left behind
+
+
+def test_unwritable_log_folder(tmp_path, data_dir, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit):
+        run_main(cli_main, ["--data.data_dir", str(data_dir), *FAST, "--trainer.default_root_dir", str(blocker)])
+    assert "cannot create a run folder" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    original = MNISTClassifier._step
+
+    def poisoned(self, batch, stage):
+        loss = original(self, batch, stage)
+        return loss * float("nan") if self.current_epoch == 1 else loss
+
+    monkeypatch.setattr(MNISTClassifier, "_step", poisoned)
+    with pytest.raises(UserError, match=r"train/loss is nan at step \d+ \(epoch 1\)"):
+        cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "3"])
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    assert all(torch.isfinite(w).all() for w in weights(last).values())
+
+
+def test_concurrent_claims_get_distinct_versions(tmp_path):
+    versions = []
+    threads = [threading.Thread(target=lambda: versions.append(claim_version(tmp_path))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(versions) == list(range(8))
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_use_two_folders(data_dir, tmp_path):
+    cmd = [sys.executable, "-m", "mnist_lightning.fit", "--data.data_dir", str(data_dir), *FAST]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in "ab"]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert len(list(tmp_path.glob("lightning_logs/version_*/metrics.json"))) == 2
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_last_is_bit_identical(data_dir, tmp_path):
+    # Many short epochs, so that the kill lands mid-run.
+    args = ["--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "40", "--data.batch_size", "8"]
+    (tmp_path / "whole").mkdir()
+    run_module("mnist_lightning.fit", *args, cwd=tmp_path / "whole")
+    reference = weights(tmp_path / "whole" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "mnist_lightning.fit", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    while not last.exists() and killed.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    interrupted_at = torch.load(last, weights_only=True)["epoch"]
+    assert interrupted_at < 39  # it really was cut short
+
+    resumed = run_module("mnist_lightning.fit", *args, "--ckpt_path", "last", cwd=tmp_path)
+    assert f"epoch {interrupted_at + 2}/40" in resumed.stdout and "epoch 1/40" not in resumed.stdout
+    assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]  # same folder
+    final = weights(last)
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_deterministic_runs_are_identical(data_dir, tmp_path, monkeypatch):
+    results = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        metrics = cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.deterministic", "true"])
+        results.append((metrics, weights(Path(metrics["best_model_path"]))))
+    (ma, wa), (mb, wb) = results
+    keys = [k for k in ma if "/" in k]
+    assert [ma[k] for k in keys] == [mb[k] for k in keys]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.dumps(ma["config"]) == json.dumps(mb["config"])
