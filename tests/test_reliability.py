@@ -1,5 +1,6 @@
 """Kills, resumes, bad config, non-finite loss, concurrent runs, determinism (see docs/reliability.md)."""
 
+import errno
 import json
 import os
 import signal
@@ -9,10 +10,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import FAST, run_module
+from mnist_lightning.checkpoint import AtomicCheckpointIO
 from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.fit import claim_version, cli_main
 from mnist_lightning.model import MNISTClassifier
@@ -166,3 +169,62 @@ def test_deterministic_runs_are_identical(data_dir, tmp_path, monkeypatch):
     assert [ma[k] for k in keys] == [mb[k] for k in keys]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert json.dumps(ma["config"]) == json.dumps(mb["config"])
+
+
+WRITER = """
+import sys, torch
+from mnist_lightning.checkpoint import AtomicCheckpointIO
+io, step = AtomicCheckpointIO(), 0
+while True:
+    step += 1
+    io.save_checkpoint({"step": step, "w": torch.full((2_000_000,), float(step))}, sys.argv[1])
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_while_writing_a_checkpoint_never_tears_it(tmp_path):
+    target = tmp_path / "last.ckpt"
+    rng = np.random.default_rng(0)
+    for delay in rng.uniform(0.0, 0.15, size=8):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+        writer.stdout.readline()  # one checkpoint is complete; the kill lands in a later write
+        time.sleep(delay)
+        writer.kill()
+        writer.wait()
+        saved = torch.load(target, weights_only=True)
+        assert torch.equal(saved["w"], torch.full((2_000_000,), float(saved["step"])))
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, target)
+
+    def no_space(obj, file):
+        file.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(UserError, match="No space left on device.*any earlier one is kept"):
+        io.save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_resume_refuses_bad_checkpoints(good_run, data_dir, capsys):
+    last = good_run / "checkpoints" / "last.ckpt"
+    text = good_run.parents[1] / "notes.txt"
+    text.write_text("not a checkpoint")
+    before = snapshot(good_run)
+    for ckpt, extra, message in [
+        (last, ["--model.hidden1", "32"], "other layer sizes: net.1.weight: checkpoint (128, 784) vs model (32, 784)"),
+        (text, [], "truncated, corrupt or not a PyTorch checkpoint"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            run_main(cli_main, ["--data.data_dir", str(data_dir), *FAST, *extra, "--ckpt_path", str(ckpt)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err
+    assert snapshot(good_run) == before
+    assert [p.name for p in good_run.parent.iterdir()] == ["version_0"]  # no empty run folder left

@@ -1,14 +1,42 @@
 """Load a checkpoint written by fit without running any code from it, or say clearly why not."""
 
+import os
 import warnings
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mnist_lightning.errors import UserError
 from mnist_lightning.model import MNISTClassifier
 
 WHAT_TO_DO = "pass a .ckpt that mnist_lightning.fit wrote (lightning_logs/version_N/checkpoints/)"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file beside it, syncs it, then renames it into place.
+
+    A kill at any moment leaves the old file or the new one, never a torn one. Lightning's own
+    writer stages in the system temp folder and moves from there, which on another file system is a
+    plain copy. A full disk keeps the old file and stops the run with one line.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except OSError as err:
+            temporary.unlink(missing_ok=True)
+            raise UserError(
+                f"could not write checkpoint {path} ({err.strerror}); any earlier one is kept. "
+                "Free some space or pass --trainer.default_root_dir DIR"
+            ) from None
 
 
 def _read(path: Path) -> dict:
@@ -40,8 +68,14 @@ def _read(path: Path) -> dict:
     return checkpoint
 
 
-def load_checkpoint(path: str | Path) -> tuple[MNISTClassifier, tuple[float, float], dict]:
-    """Return the classifier (eval mode, on the CPU), its (mean, std) and the datamodule's hparams."""
+def load_checkpoint(
+    path: str | Path, model: MNISTClassifier | None = None
+) -> tuple[MNISTClassifier, tuple[float, float], dict]:
+    """Return the classifier (eval mode, on the CPU), its (mean, std) and the datamodule's hparams.
+
+    The weights go into ``model`` if given (fit checks a checkpoint before resuming from it this
+    way), else into a network built with the checkpoint's own hidden sizes.
+    """
     path = Path(path)
     checkpoint = _read(path)
     state, hparams = checkpoint.get("state_dict"), checkpoint.get("hyper_parameters")
@@ -59,7 +93,9 @@ def load_checkpoint(path: str | Path) -> tuple[MNISTClassifier, tuple[float, flo
             f"hyperparameters or the data mean/std; {WHAT_TO_DO}"
         )
     # With fit's label smoothing, evaluate's loss is the test/loss that fit reported.
-    model = MNISTClassifier(hparams["hidden1"], hparams["hidden2"], label_smoothing=hparams.get("label_smoothing", 0.0))
+    if model is None:
+        smoothing = hparams.get("label_smoothing", 0.0)
+        model = MNISTClassifier(hparams["hidden1"], hparams["hidden2"], label_smoothing=smoothing)
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
@@ -74,8 +110,8 @@ def load_checkpoint(path: str | Path) -> tuple[MNISTClassifier, tuple[float, flo
     ]
     if differ:
         raise UserError(
-            f"checkpoint {path} has weights of other shapes than its hidden1={hparams['hidden1']}, "
-            f"hidden2={hparams['hidden2']} give: {'; '.join(differ)}; {WHAT_TO_DO}"
+            f"checkpoint {path} was trained with other layer sizes: {'; '.join(differ)}; "
+            f"set --model.hidden1/--model.hidden2 to match it, or {WHAT_TO_DO}"
         )
     model.load_state_dict(state)
     # Not the metrics' state: an epoch-less best accuracy is legitimately -inf.

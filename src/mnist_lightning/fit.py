@@ -1,5 +1,6 @@
 """Train, validate each epoch, test the best checkpoint: ``python -m mnist_lightning.fit [--help]``."""
 
+import copy
 import json
 import shutil
 import sys
@@ -16,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from mnist_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint
 from mnist_lightning.data import MNISTDataModule
 from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.model import MNISTClassifier
@@ -90,6 +92,8 @@ class MNISTCLI(LightningCLI):
             root = Path(config.default_root_dir or ".").resolve() / "lightning_logs"
             self.config.ckpt_path, version = resolve_resume(root, self.config.ckpt_path)
             kwargs["logger"] = TensorBoardLogger(root.parent, version=version, default_hp_metric=False)
+        if config.plugins is None:
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
 
@@ -162,7 +166,11 @@ def cli_main(args: list[str] | None = None) -> dict:
         trainer.logger.version  # noqa: B018
     start = time.perf_counter()
     try:
-        trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
+        if cli.config.ckpt_path:
+            # Refuse a corrupt, hostile or mismatched checkpoint in one line, before Lightning loads it.
+            load_checkpoint(cli.config.ckpt_path, model=copy.deepcopy(model))
+        # weights_only: a checkpoint never runs code when it is loaded, here or for the test below.
+        trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
     except UserError:
         # A run that failed before its first checkpoint (bad data, say) leaves no empty folder behind.
         run_dir = Path(trainer.logger.log_dir) if trainer.logger and trainer.is_global_zero else None
@@ -172,7 +180,7 @@ def cli_main(args: list[str] | None = None) -> dict:
     fit_seconds = time.perf_counter() - start
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     ckpt_path = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
-    test_metrics = trainer.test(model, datamodule=data, ckpt_path=ckpt_path, verbose=False)[0]
+    test_metrics = trainer.test(model, datamodule=data, ckpt_path=ckpt_path, verbose=False, weights_only=True)[0]
     result = {
         **fit_metrics,
         **test_metrics,
