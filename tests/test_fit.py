@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import FAST, run_module
 from mnist_lightning.errors import UserError
@@ -84,6 +85,16 @@ def test_fit_writes_events_checkpoints_metrics_and_resumes(data_dir, tmp_path):
     assert len(tags["val/acc"]) == 2 and len(tags["test/acc"]) == 1
     assert tags["val/acc_best"] == [max(tags["val/acc"][: i + 1]) for i in range(2)]
     assert tags["train/loss"][1] < tags["train/loss"][0]
+
+    for digit in range(10):
+        assert f"test/acc_digit_{digit}" in tags
+
+    events = EventAccumulator(str(version), size_guidance={"images": 0})
+    events.Reload()
+    assert set(events.Tags()["images"]) == {"test/confusion_matrix", "test/mistakes_true>predicted"}
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"])
+    assert [m.name.tag for m in hparams.experiment.metric_infos] == ["val/acc_best", "test/acc"]
+    assert {"model/lr", "data/batch_size"} <= {h.name for h in hparams.experiment.hparam_infos}
 
     checkpoints = sorted(p.name for p in (version / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(p.startswith("best-") for p in checkpoints)

@@ -22,3 +22,17 @@ def test_loss_falls_on_a_tiny_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+def test_report_pictures_have_the_expected_layout():
+    from mnist_lightning import report
+
+    matrix = torch.eye(10, dtype=torch.long) * 5
+    matrix[3, 8] = 2
+    picture = report.confusion_image(matrix)
+    assert picture.shape == (11 * report.CELL, 11 * report.CELL, 3) and picture.dtype.name == "uint8"
+    cell = picture[4 * report.CELL + 1, 9 * report.CELL + 1]  # row 3 (true), column 8 (predicted)
+    assert cell[0] == 255 and cell[1] < 255  # a mistake is tinted red
+    assert (picture[1 * report.CELL + 1, 2 * report.CELL + 1] == 255).all()  # an empty cell stays white
+    grid = report.mistakes_image(torch.rand(10, 1, 28, 28), torch.arange(10), torch.arange(10).flip(0), columns=4)
+    assert grid.shape == (3 * (2 * report.CELL + 14), 4 * 2 * report.CELL, 3)

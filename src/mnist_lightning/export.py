@@ -50,7 +50,7 @@ def to_onnx(module: nn.Module, example: torch.Tensor, input_name: str) -> bytes:
             dynamic_axes={input_name: {0: "batch"}, "logits": {0: "batch"}},
         )
     except torch.onnx.OnnxExporterError as err:
-        raise UserError(f"ONNX export failed ({err}); pip install onnx, or the project's [dev] extra") from None
+        raise UserError(f"ONNX export failed ({err}); pip install -e '.[export]'") from None
     return buffer.getvalue()
 
 
@@ -58,7 +58,7 @@ def run_onnx(exported: bytes, x: torch.Tensor) -> torch.Tensor:
     try:
         import onnxruntime
     except ImportError:
-        raise UserError("checking an ONNX export needs onnxruntime; pip install onnxruntime") from None
+        raise UserError("checking an ONNX export needs onnxruntime; pip install -e '.[export]'") from None
     session = onnxruntime.InferenceSession(exported, providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 

@@ -4,11 +4,15 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from mnist_lightning import report
 from mnist_lightning.errors import UserError
+
+MISTAKES_SHOWN = 64  # misread test digits pictured in TensorBoard
 
 
 class MLP(nn.Sequential):
@@ -63,6 +67,9 @@ class MNISTClassifier(L.LightningModule):
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(10, average="micro", validate_args=False))
             setattr(self, f"{stage}_loss", MeanMetric(nan_strategy=float("nan")))  # NaN in, NaN out; weights kept
+        # Test only: where the mistakes are, for the TensorBoard pictures (see report.py).
+        self.test_confusion = MulticlassConfusionMatrix(10, validate_args=False)
+        self.mistakes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         # Persistent, so that the best so far survives a resume from checkpoint.
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)
@@ -112,14 +119,42 @@ class MNISTClassifier(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
+        x, y = batch
+        predicted = self(x).argmax(1)  # a second forward pass, but only over the test set, once
+        self.test_confusion.update(predicted, y)
+        if sum(len(t) for _, t, _ in self.mistakes) < MISTAKES_SHOWN:
+            wrong = predicted != y
+            self.mistakes.append((x[wrong], y[wrong], predicted[wrong]))
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+        matrix = self.test_confusion.compute()  # summed over DDP ranks
+        for digit, accuracy in enumerate(matrix.diag() / matrix.sum(1).clamp(min=1)):
+            self.log(f"test/acc_digit_{digit}", accuracy, sync_dist=True)  # equal on every rank already
+        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            writer, step = self.logger.experiment, self.global_step
+            writer.add_image("test/confusion_matrix", report.confusion_image(matrix), step, dataformats="HWC")
+            if self.mistakes:
+                parts = zip(*self.mistakes, strict=True)
+                images, true, predicted = (torch.cat(part)[:MISTAKES_SHOWN] for part in parts)
+                grid = report.mistakes_image(images, true, predicted)
+                writer.add_image("test/mistakes_true>predicted", grid, step, dataformats="HWC")
+        self.test_confusion.reset()
+        self.mistakes.clear()
 
     def on_train_start(self) -> None:
+        if isinstance(self.logger, TensorBoardLogger):
+            data = self.trainer.datamodule.hparams if self.trainer.datamodule else {}
+            params = {
+                f"{group}/{k}": v
+                for group, hp in (("model", self.hparams), ("data", data))
+                for k, v in hp.items()
+                if not k.startswith("_")  # LightningCLI's bookkeeping, not a hyperparameter
+            }
+            report.log_hparams(self.logger, params, ["val/acc_best", "test/acc"])
         # A resumed one-cycle schedule keeps its original length; running past it would crash mid-run.
         for config in self.trainer.lr_scheduler_configs:
             total, needed = (
