@@ -2,8 +2,8 @@
 
 (a) ``tutorial``: the seed tutorial as written: torchvision's MNIST with per-sample ToTensor + Normalize,
     a shuffling DataLoader at batch 64, Adam 1e-3 for 5 epochs, then the test set.
-(b) ``in_memory``: the lower bound: the same network and optimizer over tensors already in memory,
-    batches cut by index slicing, no DataLoader.
+(b) ``in_memory``: the lower bound: the same network and fused Adam over tensors already in memory,
+    batches cut by index slicing, no DataLoader, no validation, no metrics.
 Both return test accuracy, training-loop seconds, optimizer steps and training samples seen.
 """
 
@@ -52,7 +52,7 @@ def in_memory(
     x, xt = ((t.to(device).float() / 255 - 0.5) / 0.5 for t in (x, xt))
     y, yt = y.to(device), yt.to(device)
     net = MLP().to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)  # as fit's, the fastest Adam
     start = time.perf_counter()
     for _ in range(epochs):
         order = torch.randperm(len(y), device=device)

@@ -47,6 +47,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
         (["--data.bogus", "1"], "unrecognized arguments: --data.bogus 1"),
         (["--trainer.accelerator", "gpu"], "check --trainer.accelerator"),
         (["--ckpt_path", "last", "--trainer.default_root_dir", "nowhere"], "no run in"),
+        (["--ckpt_path", "last"], "has finished; to train it further pass its checkpoint path"),
     ],
 )
 def test_bad_config_is_one_line_and_touches_nothing(good_run, data_dir, capsys, args, message):
@@ -59,6 +60,7 @@ def test_bad_config_is_one_line_and_touches_nothing(good_run, data_dir, capsys, 
     assert err[-1].startswith("error: ") and message in err[-1]
     assert "Traceback" not in "\n".join(err)
     assert snapshot(good_run.parent) == before
+    assert [p.name for p in good_run.parent.iterdir()] == ["version_0"]  # and no new, empty run folder
 
 
 def test_malformed_yaml_and_verbose(tmp_path, data_dir):
@@ -84,9 +86,9 @@ def test_uneven_global_batch_over_processes(data_dir, tmp_path):
 def test_unwritable_log_folder(tmp_path, data_dir, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         run_main(cli_main, ["--data.data_dir", str(data_dir), *FAST, "--trainer.default_root_dir", str(blocker)])
-    assert "cannot create a run folder" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "cannot create a run folder" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -194,6 +196,8 @@ def test_kill_9_while_writing_a_checkpoint_never_tears_it(tmp_path):
         writer.wait()
         saved = torch.load(target, weights_only=True)
         assert torch.equal(saved["w"], torch.full((2_000_000,), float(saved["step"])))
+    AtomicCheckpointIO().save_checkpoint({"step": 0}, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # killed writers' temporary files swept
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -26,6 +26,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
+                stale.unlink(missing_ok=True)
             with open(temporary, "wb") as file:
                 torch.save(checkpoint, file)
                 file.flush()

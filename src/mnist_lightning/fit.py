@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from mnist_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint
 from mnist_lightning.data import MNISTDataModule
@@ -92,9 +92,17 @@ class MNISTCLI(LightningCLI):
             root = Path(config.default_root_dir or ".").resolve() / "lightning_logs"
             self.config.ckpt_path, version = resolve_resume(root, self.config.ckpt_path)
             kwargs["logger"] = TensorBoardLogger(root.parent, version=version, default_hp_metric=False)
+            self.claimed = root / f"version_{version}" if version is not None else None
         if config.plugins is None:
             kwargs["plugins"] = [AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except BaseException:
+            # A Trainer that cannot be built (no GPU, say) must not leave an empty run folder.
+            claimed = getattr(self, "claimed", None)
+            if claimed and claimed.is_dir() and not any(claimed.iterdir()):
+                claimed.rmdir()
+            raise
 
 
 def resolve_resume(root: Path, ckpt_path: str | None) -> tuple[str | None, int | None]:
@@ -109,6 +117,11 @@ def resolve_resume(root: Path, ckpt_path: str | None) -> tuple[str | None, int |
         found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
             raise UserError(f"--ckpt_path last: no run in {root}/ has a checkpoints/last.ckpt to resume from")
+        if (found[-1].parents[1] / "metrics.json").exists():
+            raise UserError(
+                f"--ckpt_path last: the newest run with a last.ckpt, {found[-1].parents[1]}, has finished; "
+                "to train it further pass its checkpoint path explicitly with a larger --trainer.max_epochs"
+            )
         ckpt_path = str(found[-1])
     if ckpt_path is not None:
         folder = Path(ckpt_path).resolve().parent.parent
@@ -158,7 +171,8 @@ def cli_main(args: list[str] | None = None) -> dict:
     except ArgumentError as err:
         raise UserError(f"{' '.join(str(err).split())} (see --help)") from None
     except MisconfigurationException as err:  # e.g. --trainer.accelerator gpu on a machine without one
-        raise UserError(f"{err} (check --trainer.accelerator, --trainer.devices, --trainer.strategy)") from None
+        message = " ".join(str(err).split())  # Lightning's messages can span lines
+        raise UserError(f"{message} (check --trainer.accelerator, --trainer.devices, --trainer.strategy)") from None
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     if trainer.logger:
         # Fix the version folder here, or under ddp_spawn the fit's and the test's spawned
@@ -169,6 +183,10 @@ def cli_main(args: list[str] | None = None) -> dict:
         if cli.config.ckpt_path:
             # Refuse a corrupt, hostile or mismatched checkpoint in one line, before Lightning loads it.
             load_checkpoint(cli.config.ckpt_path, model=copy.deepcopy(model))
+            rank_zero_info(
+                f"Resuming from {cli.config.ckpt_path}. Checkpoints are written at the end of each epoch, so "
+                "training restarts at the start of the epoch after it; work done after it is redone."
+            )
         # weights_only: a checkpoint never runs code when it is loaded, here or for the test below.
         trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
     except UserError:
@@ -196,7 +214,12 @@ def cli_main(args: list[str] | None = None) -> dict:
     log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
     if trainer.is_global_zero:
         if log_dir:
-            Path(log_dir, "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+            try:
+                Path(log_dir, "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+            except OSError as err:
+                raise UserError(
+                    f"could not write {log_dir}/metrics.json ({err.strerror}); the checkpoints are kept"
+                ) from None
         print(
             f"test/acc {result['test/acc']:.4f}  test/loss {result['test/loss']:.4f}  ({ckpt_path or 'final'} weights)"
         )
