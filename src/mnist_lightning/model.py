@@ -146,7 +146,7 @@ class MNISTClassifier(L.LightningModule):
         self.mistakes.clear()
 
     def on_train_start(self) -> None:
-        if isinstance(self.logger, TensorBoardLogger):
+        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
             data = self.trainer.datamodule.hparams if self.trainer.datamodule else {}
             params = {
                 f"{group}/{k}": v
