@@ -137,3 +137,8 @@ def test_predict_refuses_the_malicious_checkpoint_from_the_command_line(tmp_path
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: checkpoint evil.ckpt was refused as unsafe") and proc.stderr.count("\n") == 1
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="is not a file"):
+        load_checkpoint(tmp_path)

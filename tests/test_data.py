@@ -124,3 +124,13 @@ def test_bad_arguments(kwargs):
 def test_val_size_larger_than_training_set(data_dir):
     with pytest.raises(UserError, match="leaves no training data"):
         MNISTDataModule(data_dir=str(data_dir), val_size=TRAIN_SIZE).setup("fit")
+
+
+def test_images_that_are_not_28x28(tmp_path):
+    import numpy as np
+
+    raw = tmp_path / "MNIST" / "raw"
+    write_dataset(raw)
+    write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((TEST_SIZE, 20, 20), np.uint8))
+    with pytest.raises(UserError, match=r"holds \(20, 20\) images, expected 28x28"):
+        MNISTDataModule(data_dir=str(tmp_path)).setup("test")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, run_module
+from conftest import FAST, run_module, write_dataset
 from mnist_lightning.checkpoint import AtomicCheckpointIO
 from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.fit import claim_version, cli_main
@@ -232,3 +232,25 @@ def test_resume_refuses_bad_checkpoints(good_run, data_dir, capsys):
         assert exit_.value.code == 2 and message in err and "Traceback" not in err
     assert snapshot(good_run) == before
     assert [p.name for p in good_run.parent.iterdir()] == ["version_0"]  # no empty run folder left
+
+
+def test_unknown_key_in_a_yaml_file(tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text("data:\n  bogus: 1\n")
+    with pytest.raises(SystemExit) as exit_:
+        run_main(cli_main, ["--config", str(config)])
+    assert exit_.value.code == 2 and "does not accept option 'bogus'" in capsys.readouterr().err
+
+
+def test_corrupt_dataset_through_the_command_line(good_run, tmp_path, capsys):
+    raw = tmp_path / "broken" / "MNIST" / "raw"
+    write_dataset(raw)
+    images = raw / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-5])
+    before = snapshot(good_run.parent)
+    with pytest.raises(SystemExit) as exit_:
+        run_main(cli_main, ["--data.data_dir", str(tmp_path / "broken"), *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and "train-images-idx3-ubyte should be" in err[-1] and "Traceback" not in "".join(err)
+    assert snapshot(good_run.parent) == before
+    assert [p.name for p in good_run.parent.iterdir()] == ["version_0"]
