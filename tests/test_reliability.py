@@ -254,3 +254,13 @@ def test_corrupt_dataset_through_the_command_line(good_run, tmp_path, capsys):
     assert exit_.value.code == 2 and "train-images-idx3-ubyte should be" in err[-1] and "Traceback" not in "".join(err)
     assert snapshot(good_run.parent) == before
     assert [p.name for p in good_run.parent.iterdir()] == ["version_0"]
+
+
+def test_unwritable_checkpoint_folder_fails_before_training(tmp_path, data_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("in the way")
+    with pytest.raises(SystemExit) as exit_:
+        run_main(cli_main, ["--data.data_dir", str(data_dir), *FAST, "--checkpoint.dirpath", "a_file/ckpts"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "a_file/ckpts (Not a directory); pass --checkpoint.dirpath" in err
+    assert not list(tmp_path.glob("lightning_logs/version_*"))  # failed before training: no run folder left

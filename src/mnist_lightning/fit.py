@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import shutil
 import sys
 import time
@@ -131,6 +132,17 @@ def resolve_resume(root: Path, ckpt_path: str | None) -> tuple[str | None, int |
     return None, None if rank_zero_only.rank else claim_version(root)
 
 
+def ensure_writable(folder: Path, option: str) -> None:
+    """Fail before training, not at the first checkpoint an epoch later."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to {folder} ({err.strerror}); pass {option} DIR you can write") from None
+
+
 def claim_version(root: Path) -> int:
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -180,6 +192,9 @@ def cli_main(args: list[str] | None = None) -> dict:
         trainer.logger.version  # noqa: B018
     start = time.perf_counter()
     try:
+        for callback in trainer.checkpoint_callbacks:
+            if callback.dirpath and trainer.is_global_zero:  # a folder of the user's; the run folder is checked
+                ensure_writable(Path(callback.dirpath), "--checkpoint.dirpath")
         if cli.config.ckpt_path:
             # Refuse a corrupt, hostile or mismatched checkpoint in one line, before Lightning loads it.
             load_checkpoint(cli.config.ckpt_path, model=copy.deepcopy(model))
