@@ -17,8 +17,9 @@ import torch
 from conftest import FAST, run_module, write_dataset
 from mnist_lightning.checkpoint import AtomicCheckpointIO
 from mnist_lightning.errors import UserError, run_main
-from mnist_lightning.fit import claim_version, cli_main
+from mnist_lightning.fit import cli_main
 from mnist_lightning.model import MNISTClassifier
+from mnist_lightning.runs import claim_version
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -103,7 +103,7 @@ class MNISTClassifier(L.LightningModule):
         # finiteness check there too: on a GPU it waits for the device, so not on every step.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False)
-            self._check_finite(loss, f"at step {self.global_step}")
+            self._check_finite(loss.detach(), f"at step {self.global_step}")
         return loss
 
     def _check_finite(self, loss: torch.Tensor, where: str) -> None:
