@@ -26,6 +26,14 @@ def test_print_config_shows_the_default_recipe(capsys):
     assert "scheduler: onecycle" in out and "hidden1: 128" in out and "batch_size: 128" in out
 
 
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0
+    assert "--model.lr LR Adam's learning rate" in out and "(type: float, default: 0.005)" in out
+
+
 def test_seed_config_overrides_default(capsys):
     with pytest.raises(SystemExit):
         cli_main(["--config", str(Path(__file__).parents[1] / "configs" / "seed.yaml"), "--print_config"])
