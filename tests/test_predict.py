@@ -211,3 +211,24 @@ def test_command_line_predicts_the_good_files_despite_a_bad_one(trained_ckpt, tm
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[0].startswith("error: broken.png: ")
     assert proc.stdout.startswith("seven.png  ") and proc.stdout.count("\n") == 1
+
+
+def test_a_folder_without_images_is_named(trained_ckpt, tmp_path):
+    (tmp_path / "notes.txt").write_text("no digits here")
+    with pytest.raises(UserError, match=r"holds no .bmp, .gif, .jpeg, .jpg, .png, .webp files"):
+        cli_main(["--ckpt_path", str(trained_ckpt), str(tmp_path)])
+
+
+def test_unwritable_output_is_one_clear_error(trained_ckpt, tmp_path):
+    drawn_seven().save(tmp_path / "seven.png")
+    (tmp_path / "a_file").write_text("in the way")
+    with pytest.raises(UserError, match=r"cannot write .*a_file/preds.json .*pass --output somewhere writable"):
+        cli_main(
+            [
+                "--ckpt_path",
+                str(trained_ckpt),
+                str(tmp_path / "seven.png"),
+                "--output",
+                str(tmp_path / "a_file" / "preds.json"),
+            ]
+        )

@@ -265,3 +265,57 @@ def test_unwritable_checkpoint_folder_fails_before_training(tmp_path, data_dir, 
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "a_file/ckpts (Not a directory); pass --checkpoint.dirpath" in err
     assert not list(tmp_path.glob("lightning_logs/version_*"))  # failed before training: no run folder left
+
+
+def test_full_disk_for_metrics_json_is_one_line(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    real_write = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == "metrics.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(SystemExit) as exit_:
+        run_main(cli_main, ["--data.data_dir", str(data_dir), *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and "metrics.json (No space left on device); the checkpoints are kept" in err[-1]
+    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_an_unattributed_os_error_is_one_line(capsys):
+    def fails(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "lightning_logs/version_0/events.out.tfevents")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_main(fails, [])
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == "error: [Errno 28] No space left on device: 'lightning_logs/version_0/events.out.tfevents'\n"
+    )
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(data_dir, tmp_path):
+    args = ["--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "40", "--data.batch_size", "8"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "mnist_lightning.fit", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    while not last.exists() and run.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode != 0 and "Traceback" not in err
+    assert torch.load(last, weights_only=True)["epoch"] < 39
+    resumed = run_module("mnist_lightning.fit", *args, "--ckpt_path", "last", cwd=tmp_path)
+    assert "epoch 40/40" in resumed.stdout

@@ -9,13 +9,15 @@ class UserError(Exception):
 
 
 def run_main(main: Callable[[list[str]], object], args: list[str] | None = None) -> None:
-    """Call ``main(args)`` and turn a UserError into ``error: ...`` on stderr and exit status 2."""
+    """Call ``main(args)`` and turn a UserError or OSError into ``error: ...`` on stderr and exit status 2."""
     args = sys.argv[1:] if args is None else list(args)
     verbose = "--verbose" in args
     args = [a for a in args if a != "--verbose"]
     try:
         main(args)
-    except UserError as err:
+    except (UserError, OSError) as err:
+        # An OSError that no code above could attribute (a disk filling up mid-run, say) still
+        # reads as one line: it names the file and the reason.
         if verbose:
             raise
         print(f"error: {err}", file=sys.stderr)
