@@ -126,31 +126,35 @@ def test_two_runs_started_at_once_use_two_folders(data_dir, tmp_path):
     assert len(list(tmp_path.glob("lightning_logs/version_*/metrics.json"))) == 2
 
 
+def interrupt_mid_run(args: list[str], cwd: Path, sig: signal.Signals) -> tuple[subprocess.Popen, str, Path]:
+    """Start a fit, send it ``sig`` shortly after its first last.ckpt appears; return it, its stderr, last.ckpt."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "mnist_lightning.fit", *args]
+    run = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = cwd / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    while not last.exists() and run.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    run.send_signal(sig)
+    _, err = run.communicate(timeout=120)
+    assert torch.load(last, weights_only=True)["epoch"] < 39  # it really was cut short (of 40 epochs)
+    return run, err, last
+
+
+# Many short epochs, so that a signal lands mid-run.
+LONG = [*FAST, "--trainer.max_epochs", "40", "--data.batch_size", "8"]
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_last_is_bit_identical(data_dir, tmp_path):
-    # Many short epochs, so that the kill lands mid-run.
-    args = ["--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "40", "--data.batch_size", "8"]
+    args = ["--data.data_dir", str(data_dir), *LONG]
     (tmp_path / "whole").mkdir()
     run_module("mnist_lightning.fit", *args, cwd=tmp_path / "whole")
     reference = weights(tmp_path / "whole" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
 
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    killed = subprocess.Popen(
-        [sys.executable, "-m", "mnist_lightning.fit", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    while not last.exists() and killed.poll() is None:
-        time.sleep(0.01)
-    time.sleep(0.3)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    killed, _, last = interrupt_mid_run(args, tmp_path, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     interrupted_at = torch.load(last, weights_only=True)["epoch"]
-    assert interrupted_at < 39  # it really was cut short
 
     resumed = run_module("mnist_lightning.fit", *args, "--ckpt_path", "last", cwd=tmp_path)
     assert f"epoch {interrupted_at + 2}/40" in resumed.stdout and "epoch 1/40" not in resumed.stdout
@@ -299,23 +303,8 @@ def test_an_unattributed_os_error_is_one_line(capsys):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_run_resumes(data_dir, tmp_path):
-    args = ["--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "40", "--data.batch_size", "8"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    run = subprocess.Popen(
-        [sys.executable, "-m", "mnist_lightning.fit", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    while not last.exists() and run.poll() is None:
-        time.sleep(0.01)
-    time.sleep(0.3)
-    run.send_signal(signal.SIGINT)
-    out, err = run.communicate(timeout=120)
-    assert run.returncode != 0 and "Traceback" not in err
-    assert torch.load(last, weights_only=True)["epoch"] < 39
+    args = ["--data.data_dir", str(data_dir), *LONG]
+    run, err, _ = interrupt_mid_run(args, tmp_path, signal.SIGINT)
+    assert run.returncode == 1 and "Detected KeyboardInterrupt" in err and "Traceback" not in err
     resumed = run_module("mnist_lightning.fit", *args, "--ckpt_path", "last", cwd=tmp_path)
     assert "epoch 40/40" in resumed.stdout
