@@ -152,7 +152,7 @@ class MNISTDataModule(L.LightningDataModule):
         """Decode, move to the training device, normalise and split; every rank gets the same split."""
         if hasattr(self, "train_set"):
             return
-        # With a GPU the whole set lives on it, so no batch is ever copied from the host.
+        # With a GPU the whole set lives on it: only each batch's index list crosses from the host.
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         mean, std, val_size = self.hparams.mean, self.hparams.std, self.hparams.val_size
         sets = {}
