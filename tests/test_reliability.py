@@ -97,8 +97,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     original = MNISTClassifier._step
 
     def poisoned(self, batch, stage):
-        loss = original(self, batch, stage)
-        return loss * float("nan") if self.current_epoch == 1 else loss
+        loss, logits = original(self, batch, stage)
+        return (loss * float("nan") if self.current_epoch == 1 else loss), logits
 
     monkeypatch.setattr(MNISTClassifier, "_step", poisoned)
     with pytest.raises(UserError, match=r"train/loss is nan at step \d+ \(epoch 1\)"):

@@ -170,9 +170,8 @@ def cli_main(args: list[str] | None = None) -> dict:
         "global_step": trainer.global_step,
         # Under ddp_spawn the data lived in the spawned processes only.
         "train_samples": len(data.train_set) if hasattr(data, "train_set") else None,
-        "config": cli.parser.dump(cli.config, format="json", skip_check=True),
+        "config": json.loads(cli.parser.dump(cli.config, format="json", skip_check=True)),
     }
-    result["config"] = json.loads(result["config"])
     log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
     if trainer.is_global_zero:
         if log_dir:

@@ -82,14 +82,14 @@ class MNISTClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
         # Only metric updates per step: self.log costs far more than this whole MLP's step on a CPU.
         getattr(self, f"{stage}_acc").update(logits, y)
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(y))
-        return loss
+        return loss, logits
 
     def _log_epoch(self, stage: str) -> None:
         # Logged as Metric objects, Lightning computes them once at epoch end (reduced across DDP
@@ -98,7 +98,7 @@ class MNISTClassifier(L.LightningModule):
             self.log(f"{stage}/{name}", getattr(self, f"{stage}_{name}"), prog_bar=stage != "train")
 
     def training_step(self, batch, batch_idx):
-        loss = self._step(batch, "train")
+        loss, _ = self._step(batch, "train")
         # The per-step curve, on the steps where Lightning writes to the logger anyway, and the
         # finiteness check there too: on a GPU it waits for the device, so not on every step.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
@@ -118,9 +118,9 @@ class MNISTClassifier(L.LightningModule):
         self._step(batch, "val")
 
     def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
+        _, logits = self._step(batch, "test")
         x, y = batch
-        predicted = self(x).argmax(1)  # a second forward pass, but only over the test set, once
+        predicted = logits.argmax(1)
         self.test_confusion.update(predicted, y)
         if sum(len(t) for _, t, _ in self.mistakes) < MISTAKES_SHOWN:
             wrong = predicted != y
