@@ -72,6 +72,12 @@ def lightning_fit(data_dir: str, batch_size: int | None, epochs: int, device: st
     }
 
 
+def median_run(repeats: int, run, *args) -> dict:
+    """Run a variant `repeats` times; keep the run whose training-loop time is the median."""
+    runs = sorted((run(*args) for _ in range(repeats)), key=lambda r: r["train_s"])
+    return runs[len(runs) // 2]
+
+
 def row(name: str, r: dict, ref: dict) -> str:
     gflops = FLOPS_PER_SAMPLE * r["samples"] / r["train_s"] / 1e9
     ratios = "  ".join(
@@ -90,6 +96,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each variant; the median is shown")
     parser.add_argument("--no-tutorial", action="store_true", help="skip (a), which takes ~40 s on 2 cores")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network in (b) and (c)")
     parser.add_argument("--default-only", action="store_true", help="(c) with default.yaml only, at each batch size")
@@ -102,7 +109,11 @@ def main() -> None:
     args = parser.parse_args()
     data_dir, epochs = str(Path(args.data_dir).resolve()), args.epochs
     fit_args = args.fit_args + (["--model.compile", "true"] if args.compile else [])
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, device {args.device}, {epochs} epochs\n")
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, device {args.device}, {epochs} epochs, "
+        f"median of {args.repeats} run(s) by training-loop time\n"
+    )
+    n = args.repeats
     print(
         "| variant | wall s | train-loop s | samples/s | ms/step | GFLOP/s | peak RSS MiB | test acc % "
         "| c/a and c/b (wall / loop) |"
@@ -112,16 +123,18 @@ def main() -> None:
     for bs in args.batch_sizes:
         ref = {}
         if not args.no_tutorial and args.device == "cpu":
-            ref["a"] = baseline("tutorial", data_dir, bs, epochs, args.device)
+            ref["a"] = median_run(n, baseline, "tutorial", data_dir, bs, epochs, args.device)
             print(row(f"(a) tutorial, batch {bs}", ref["a"], {}), flush=True)
             tutorial_64 = ref["a"] if bs == 64 else tutorial_64
-        ref["b"] = baseline("in_memory", data_dir, bs, epochs, args.device, args.compile)
+        ref["b"] = median_run(n, baseline, "in_memory", data_dir, bs, epochs, args.device, args.compile)
         print(row(f"(b) in-memory loop, batch {bs}", ref["b"], {}), flush=True)
-        c = lightning_fit(data_dir, bs, epochs, args.device, *fit_args)
+        c = median_run(n, lightning_fit, data_dir, bs, epochs, args.device, *fit_args)
         print(row(f"(c) fit default.yaml, batch {bs}", c, ref), flush=True)
         if args.default_only:
             continue
-        seed = lightning_fit(
+        seed = median_run(
+            n,
+            lightning_fit,
             data_dir,
             bs,
             epochs,
@@ -135,7 +148,7 @@ def main() -> None:
         return
     # The command as shipped, against the tutorial as written (batch 64).
     for name, extra in (("default.yaml", []), ("fast.yaml", ["--config", str(HERE.parent / "configs" / "fast.yaml")])):
-        shipped = lightning_fit(data_dir, None, epochs, args.device, *extra, *fit_args)
+        shipped = median_run(n, lightning_fit, data_dir, None, epochs, args.device, *extra, *fit_args)
         print(row(f"(c) fit {name} as shipped", shipped, {"a": tutorial_64} if tutorial_64 else {}), flush=True)
 
 

@@ -1,12 +1,26 @@
 import torch
 
-from mnist_lightning.model import MLP, MNISTClassifier
+from mnist_lightning.model import MLP, LossAndAccuracy, MNISTClassifier
 
 
 def test_network_is_784_128_64_10():
     shapes = [tuple(p.shape) for p in MLP().parameters()]
     assert shapes == [(128, 784), (128,), (64, 128), (64,), (10, 64), (10,)]
     assert MNISTClassifier(hidden1=32, hidden2=16)(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_epoch_metrics_weigh_each_sample_and_keep_a_nan():
+    metrics = LossAndAccuracy()
+    hit = torch.nn.functional.one_hot(torch.tensor([1, 2, 3]), 10).float()
+    metrics.update(torch.tensor(1.0), hit, torch.tensor([1, 2, 3]))  # 3 samples, all right
+    metrics.update(torch.tensor(5.0), hit[:1], torch.tensor([7]))  # a short last batch, wrong
+    values = metrics.compute()
+    assert values["loss"].item() == 2.0 and values["acc"].item() == 0.75  # (3 * 1 + 5) / 4, 3 / 4
+    metrics.update(torch.tensor(float("nan")), hit[:1], torch.tensor([1]))
+    assert metrics.compute()["loss"].isnan()
+    metrics.reset()
+    metrics.update(torch.tensor(3.0), hit[:2], torch.tensor([1, 2]))
+    assert metrics.compute()["loss"].item() == 3.0 and metrics.compute()["acc"].item() == 1.0
 
 
 def test_loss_falls_on_a_tiny_batch():

@@ -6,8 +6,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics import MaxMetric, Metric
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mnist_lightning import report
 from mnist_lightning.errors import UserError
@@ -29,8 +29,32 @@ class MLP(nn.Sequential):
         )
 
 
+class LossAndAccuracy(Metric):
+    """An epoch's mean loss and accuracy, summed over DDP ranks, from one update per step.
+
+    MeanMetric plus MulticlassAccuracy give the same figures from two updates whose argument handling
+    cost 0.1 ms a training step on a 2-core CPU, a tenth of the step at batch 64.
+    """
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        for name in ("loss_sum", "correct", "count"):
+            self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
+        # No NaN test here (it would wait for the device every step): a NaN loss makes the mean NaN.
+        self.loss_sum += loss.detach() * len(target)
+        self.correct += (logits.argmax(1) == target).sum()
+        self.count += len(target)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"loss": self.loss_sum / self.count, "acc": self.correct / self.count}
+
+
 class MNISTClassifier(L.LightningModule):
-    """MLP + cross-entropy + Adam, with accuracy from torchmetrics.
+    """MLP + cross-entropy + Adam, with loss and accuracy per epoch through torchmetrics.
 
     Args:
         hidden1: width of the first hidden layer.
@@ -62,14 +86,9 @@ class MNISTClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.net = MLP(hidden1, hidden2)
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        # validate_args=False: the argument checks sync with the device on every update.
-        # One accuracy and one mean loss per stage; as torchmetrics they sum correctly across DDP ranks.
-        for stage in ("train", "val", "test"):
-            setattr(self, f"{stage}_acc", MulticlassAccuracy(10, average="micro", validate_args=False))
-            # "disable": a NaN loss simply makes the mean NaN. The other strategies test every update
-            # for NaN, a host sync per step on a GPU.
-            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
+        self.train_metrics, self.val_metrics, self.test_metrics = (LossAndAccuracy() for _ in range(3))
         # Test only: where the mistakes are, for the TensorBoard pictures (see report.py).
+        # validate_args=False: the argument checks would sync with the device on every update.
         self.test_confusion = MulticlassConfusionMatrix(10, validate_args=False)
         self.mistakes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         # Persistent, so that the best so far survives a resume from checkpoint.
@@ -97,18 +116,17 @@ class MNISTClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
-        # Only metric updates per step: self.log costs far more than this whole MLP's step on a CPU.
-        getattr(self, f"{stage}_acc").update(logits, y)
-        # One value per sample, so that a short last batch weighs what it holds (MeanMetric ignores its
-        # weight argument under nan_strategy="disable").
-        getattr(self, f"{stage}_loss").update(loss.detach().expand(len(y)))
+        # Only a metric update per step: self.log costs far more than this whole MLP's step on a CPU.
+        getattr(self, f"{stage}_metrics").update(loss, logits, y)
         return loss, logits
 
     def _log_epoch(self, stage: str) -> None:
-        # Logged as Metric objects, Lightning computes them once at epoch end (reduced across DDP
-        # ranks) and then resets them for the next epoch.
-        for name in ("loss", "acc"):
-            self.log(f"{stage}/{name}", getattr(self, f"{stage}_{name}"), prog_bar=stage != "train")
+        metrics = getattr(self, f"{stage}_metrics")
+        # compute() sums over the DDP ranks, so every rank logs the same values; sync_dist then only
+        # averages equal values. Reset by hand: these are tensors, not the Metric that Lightning resets.
+        values = {f"{stage}/{name}": value for name, value in metrics.compute().items()}
+        self.log_dict(values, prog_bar=stage != "train", sync_dist=True)
+        metrics.reset()
 
     def training_step(self, batch, batch_idx):
         loss, _ = self._step(batch, "train")
@@ -184,10 +202,9 @@ class MNISTClassifier(L.LightningModule):
         # The sanity check's two batches must not count towards the best. Every rank sees the
         # same synchronised val/acc, so every rank tracks the same best.
         if not self.trainer.sanity_checking:
-            self._check_finite(self.train_loss.compute(), "in the epoch's mean")
-            self.val_acc_best.update(self.val_acc.compute())
-            # Not the Metric object: Lightning would reset it after logging. sync_dist only averages
-            # a value that is already equal on every rank.
+            self._check_finite(self.train_metrics.compute()["loss"], "in the epoch's mean")
+            self.val_acc_best.update(self.val_metrics.compute()["acc"])
+            # Not the Metric object: Lightning would reset it after logging.
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
         self._log_epoch("val")
 
