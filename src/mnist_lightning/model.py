@@ -33,7 +33,7 @@ class LossAndAccuracy(Metric):
     """An epoch's mean loss and accuracy, summed over DDP ranks, from one update per step.
 
     MeanMetric plus MulticlassAccuracy give the same figures from two updates whose argument handling
-    cost 0.1 ms a training step on a 2-core CPU, a tenth of the step at batch 64.
+    cost about 0.1 ms a training step on a 2-core CPU, a tenth of the step at batch 64.
     """
 
     full_state_update = False
