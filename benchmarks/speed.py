@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -72,10 +74,14 @@ def lightning_fit(data_dir: str, batch_size: int | None, epochs: int, device: st
     }
 
 
-def median_run(repeats: int, run, *args) -> dict:
-    """Run a variant `repeats` times; keep the run whose training-loop time is the median."""
-    runs = sorted((run(*args) for _ in range(repeats)), key=lambda r: r["train_s"])
-    return runs[len(runs) // 2]
+def medians(variants: dict[str, Callable[[], dict]], repeats: int) -> dict[str, dict]:
+    """Run every variant `repeats` times, taking turns, so that a slow spell of a shared machine hits them
+    alike; keep each variant's run with the median training-loop time."""
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            runs[name].append(run())
+    return {name: sorted(rs, key=lambda r: r["train_s"])[len(rs) // 2] for name, rs in runs.items()}
 
 
 def row(name: str, r: dict, ref: dict) -> str:
@@ -113,43 +119,35 @@ def main() -> None:
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, device {args.device}, {epochs} epochs, "
         f"median of {args.repeats} run(s) by training-loop time\n"
     )
-    n = args.repeats
     print(
         "| variant | wall s | train-loop s | samples/s | ms/step | GFLOP/s | peak RSS MiB | test acc % "
         "| c/a and c/b (wall / loop) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    tutorial_64 = None
+    configs = HERE.parent / "configs"
     for bs in args.batch_sizes:
-        ref = {}
+        variants = {}
         if not args.no_tutorial and args.device == "cpu":
-            ref["a"] = median_run(n, baseline, "tutorial", data_dir, bs, epochs, args.device)
-            print(row(f"(a) tutorial, batch {bs}", ref["a"], {}), flush=True)
-            tutorial_64 = ref["a"] if bs == 64 else tutorial_64
-        ref["b"] = median_run(n, baseline, "in_memory", data_dir, bs, epochs, args.device, args.compile)
-        print(row(f"(b) in-memory loop, batch {bs}", ref["b"], {}), flush=True)
-        c = median_run(n, lightning_fit, data_dir, bs, epochs, args.device, *fit_args)
-        print(row(f"(c) fit default.yaml, batch {bs}", c, ref), flush=True)
-        if args.default_only:
-            continue
-        seed = median_run(
-            n,
-            lightning_fit,
-            data_dir,
-            bs,
-            epochs,
-            args.device,
-            "--config",
-            str(HERE.parent / "configs" / "seed.yaml"),
-            *fit_args,
-        )
-        print(row(f"(c) fit seed.yaml, batch {bs}", seed, ref), flush=True)
-    if args.default_only:
-        return
-    # The command as shipped, against the tutorial as written (batch 64).
-    for name, extra in (("default.yaml", []), ("fast.yaml", ["--config", str(HERE.parent / "configs" / "fast.yaml")])):
-        shipped = median_run(n, lightning_fit, data_dir, None, epochs, args.device, *extra, *fit_args)
-        print(row(f"(c) fit {name} as shipped", shipped, {"a": tutorial_64} if tutorial_64 else {}), flush=True)
+            variants["(a) tutorial"] = partial(baseline, "tutorial", data_dir, bs, epochs, args.device)
+        variants["(b) in-memory loop"] = partial(baseline, "in_memory", data_dir, bs, epochs, args.device, args.compile)
+        variants["(c) fit default.yaml"] = partial(lightning_fit, data_dir, bs, epochs, args.device, *fit_args)
+        if not args.default_only:
+            seed = ["--config", str(configs / "seed.yaml"), *fit_args]
+            variants["(c) fit seed.yaml"] = partial(lightning_fit, data_dir, bs, epochs, args.device, *seed)
+        shipped = not args.default_only and bs == args.batch_sizes[0]
+        if shipped:  # the commands as shipped, against the tutorial as written (the first batch size, 64)
+            variants["default.yaml"] = partial(lightning_fit, data_dir, None, epochs, args.device, *fit_args)
+            fast = ["--config", str(configs / "fast.yaml"), *fit_args]
+            variants["fast.yaml"] = partial(lightning_fit, data_dir, None, epochs, args.device, *fast)
+        results = medians(variants, args.repeats)
+        ref = {name[1]: results[name] for name in ("(a) tutorial", "(b) in-memory loop") if name in results}
+        for name, result in results.items():
+            if name.startswith("(c)"):
+                print(row(f"{name}, batch {bs}", result, ref))
+            elif name.startswith("("):
+                print(row(f"{name}, batch {bs}", result, {}))
+            else:
+                print(row(f"(c) fit {name} as shipped", result, {k: v for k, v in ref.items() if k == "a"}))
 
 
 if __name__ == "__main__":
