@@ -5,8 +5,8 @@ Every variant is its own process, timed from launch to exit, with its peak RSS f
   (b) the lower bound: plain loop over in-memory tensors, index-sliced batches, no DataLoader
   (c) ``python -m mnist_lightning.fit``: validation, TensorBoard, checkpoints and the final test included
 The training-loop time of (c) is the sum of its epochs, each with its validation and checkpoint, without the
-one-time setup (decoding the files) that (b) also leaves out. With --compile, (b) and (c) both run the network
-through torch.compile and their loop time is epochs 2..E scaled to E epochs, leaving compilation out.
+one-time setup (decoding the files) that (b) also leaves out. With --compile [MODE], (b) and (c) both run the
+network through torch.compile and their loop time is epochs 2..E scaled to E epochs, leaving compilation out.
 """
 
 import argparse
@@ -30,16 +30,19 @@ FLOPS_PER_SAMPLE = 6 * (784 * 128 + 128 * 64 + 64 * 10)  # forward + backward of
 def timed(cmd: list[str], cwd: str) -> tuple[float, float, str]:
     """Run cmd; return (wall seconds, peak RSS in MiB, stdout)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: nobody reads it until the end
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=err, text=True)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            tail = "".join(err.readlines()[-15:])
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{tail}")
     return wall, usage.ru_maxrss / 1024, out
 
 
-def baseline(which: str, data_dir: str, batch_size: int, epochs: int, device: str, compile: bool = False) -> dict:
+def baseline(which: str, data_dir: str, batch_size: int, epochs: int, device: str, compile: str | None = None) -> dict:
     cmd = [
         sys.executable,
         str(HERE / "baselines.py"),
@@ -49,7 +52,7 @@ def baseline(which: str, data_dir: str, batch_size: int, epochs: int, device: st
         str(batch_size),
     ]
     cmd += ["--epochs", str(epochs)] + (["--device", device] if which == "in_memory" else [])
-    cmd += ["--compile"] if compile else []
+    cmd += ["--compile", compile] if compile else []
     wall, rss, out = timed(cmd, cwd=str(HERE))
     return {"wall_s": wall, "rss_mib": rss, **json.loads(out.strip().splitlines()[-1])}
 
@@ -104,7 +107,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each variant; the median is shown")
     parser.add_argument("--no-tutorial", action="store_true", help="skip (a), which takes ~18 s on 2 cores")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network in (b) and (c)")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        metavar="MODE",
+        help="torch.compile the network in (b) and (c), in this mode (default: default)",
+    )
     parser.add_argument("--default-only", action="store_true", help="(c) with default.yaml only, at each batch size")
     parser.add_argument(
         "--fit-args",
@@ -114,7 +123,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     data_dir, epochs = str(Path(args.data_dir).resolve()), args.epochs
-    fit_args = args.fit_args + (["--model.compile", "true"] if args.compile else [])
+    compiled = ["--model.compile", "true", "--model.compile_mode", args.compile] if args.compile else []
+    fit_args = args.fit_args + compiled
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, device {args.device}, {epochs} epochs, "
         f"median of {args.repeats} run(s) by training-loop time\n"

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, default_convert
+from torch.utils.data import DistributedSampler
 from torchvision import datasets
 
 from conftest import TEST_SIZE, TRAIN_SIZE, write_dataset, write_idx
-from mnist_lightning.data import MNISTDataModule
+from mnist_lightning.data import DeviceBatches, MNISTDataModule, TensorBatches
 from mnist_lightning.errors import UserError
 
 
@@ -47,17 +47,33 @@ def test_batches_are_whole_and_cover_the_epoch(data_dir):
     assert [len(y) for _, y in batches[:-1]] == [64] * (len(batches) - 1)
 
 
-def test_distributed_sampler_gives_disjoint_shards(data_dir):
-    """What Lightning does under DDP: same dataset, a DistributedSampler per rank."""
-    dm = make(data_dir, batch_size=50)
-    shards = []
-    for rank in (0, 1):
-        sampler = DistributedSampler(dm.train_set, num_replicas=2, rank=rank, shuffle=True, seed=0)
-        loader = DataLoader(dm.train_set, 50, sampler=sampler, collate_fn=default_convert)
-        shards.append(torch.cat([y for _, y in loader]))
-        assert len(shards[-1]) == len(dm.train_set) // 2
-    indices = [list(DistributedSampler(dm.train_set, 2, rank, seed=0)) for rank in (0, 1)]
-    assert not set(indices[0]) & set(indices[1])
+def test_batches_come_as_index_tensors_on_the_data_device(data_dir):
+    dm = make(data_dir, batch_size=64)
+    sampler = dm.train_dataloader().sampler
+    assert isinstance(sampler, DistributedSampler)  # so that Lightning keeps it under DDP
+    batch = next(iter(sampler))
+    assert batch.dtype == torch.int64 and batch.shape == (64,) and batch.device == dm.train_set.labels.device
+
+
+@pytest.mark.parametrize("shuffle, size", [(True, 2 * 75), (False, 149)])  # 2 ranks: padded, unpadded
+def test_shards_are_disjoint_and_cover_the_set(shuffle, size):
+    """What each DDP rank gets: shuffled, equal shards (one image repeated); in order, every image once."""
+    data = TensorBatches(torch.zeros(149, 1, 28, 28), torch.arange(149))
+    shards = [torch.cat(list(DeviceBatches(data, 50, 2, rank, shuffle))) for rank in (0, 1)]
+    assert [len(DeviceBatches(data, 50, 2, rank, shuffle)) for rank in (0, 1)] == [2, 2]
+    assert sum(len(s) for s in shards) == size
+    assert set(torch.cat(shards).tolist()) == set(range(149))
+    if not shuffle:
+        assert not set(shards[0].tolist()) & set(shards[1].tolist())
+
+
+def test_shuffle_follows_seed_and_epoch():
+    data = TensorBatches(torch.zeros(100, 1, 28, 28), torch.arange(100))
+    torch.manual_seed(3)
+    a, b = DeviceBatches(data, 100, 1, 0, True), DeviceBatches(data, 100, 1, 0, True)
+    assert torch.equal(next(iter(a)), next(iter(b)))
+    b.set_epoch(1)
+    assert not torch.equal(next(iter(a)), next(iter(b)))
 
 
 def test_missing_data_without_network_names_files_and_flag(tmp_path, monkeypatch):

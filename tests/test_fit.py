@@ -51,6 +51,15 @@ def test_in_process_fit_learns_the_synthetic_digits(data_dir, tmp_path, monkeypa
     assert saved["test/acc"] == result["test/acc"] and saved["config"]["data"]["val_size"] == 100
 
 
+def test_overfit_batches_trains_on_the_same_whole_batches(data_dir, tmp_path, monkeypatch):
+    """Lightning swaps in a SequentialSampler for --trainer.overfit_batches; batches must stay whole."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--data.data_dir", str(data_dir), *FAST, "--trainer.overfit_batches", "2", "--trainer.max_epochs", "3"]
+    result = cli_main([*args, "--data.batch_size", "16"])
+    assert result["global_step"] == 6
+    assert result["train/acc"] > 0.9  # 32 images seen three times
+
+
 def test_extending_a_one_cycle_run_is_refused(data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli_main(["--data.data_dir", str(data_dir), *FAST])

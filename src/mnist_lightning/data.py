@@ -1,4 +1,4 @@
-"""MNISTDataModule: four IDX files -> one normalised tensor per split -> batches by index slicing."""
+"""MNISTDataModule: four IDX files -> one normalised tensor per split -> batches by index tensors."""
 
 import contextlib
 import io
@@ -9,7 +9,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_convert
 from torchvision import datasets
 
@@ -62,10 +61,7 @@ def load_split(raw_dir: Path, split: Literal["train", "test"]) -> tuple[torch.Te
 
 
 class TensorBatches(Dataset):
-    """Images and labels held as two tensors; `__getitems__` cuts a whole batch with one index op.
-
-    The DataLoader still owns the sampler, so Lightning can swap in a DistributedSampler under DDP.
-    """
+    """Images and labels held as two tensors; an index tensor picks a whole batch in one op."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels = images, labels
@@ -73,12 +69,40 @@ class TensorBatches(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int):
-        return self.images[index], self.labels[index]
-
-    def __getitems__(self, indices: list[int]):
-        index = torch.tensor(indices).to(self.labels.device, non_blocking=True)
+    def __getitem__(self, index: int | torch.Tensor):
+        if isinstance(index, int):
+            return self.images[index], self.labels[index]
+        # index_select: half the time of images[index] on a CPU, for a batch of 64.
         return self.images.index_select(0, index), self.labels.index_select(0, index)
+
+    def __getitems__(self, indices: list[int]):  # only a DataLoader that batches by itself calls this
+        return self[torch.tensor(indices, device=self.labels.device)]
+
+
+class DeviceBatches(DistributedSampler):
+    """Yields whole batches of indices as slices of one tensor on the data's device: one host-to-device
+    copy an epoch, none a step.
+
+    A DistributedSampler even on one process, so that Lightning leaves it in place under DDP and calls
+    ``set_epoch``: shuffled, every epoch reshuffles with seed + epoch, the same on every rank, each rank
+    taking a disjoint shard, and the same again after a resume. Unshuffled (evaluation), the shards are
+    left uneven instead of padded with repeated images, which would count some test images twice.
+    """
+
+    def __init__(self, dataset: TensorBatches, batch_size: int, num_replicas: int, rank: int, shuffle: bool):
+        # torch.initial_seed() is the run's --seed_everything.
+        super().__init__(dataset, num_replicas, rank, shuffle=shuffle, seed=torch.initial_seed())
+        self.batch_size = batch_size
+        if not shuffle:
+            self.num_samples = len(range(rank, len(dataset), num_replicas))
+            self.total_size = len(dataset)
+
+    def __iter__(self):
+        order = torch.tensor(list(super().__iter__()), dtype=torch.long, device=self.dataset.labels.device)
+        return iter(order.split(self.batch_size) if len(order) else ())
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
 
 
 class MNISTDataModule(L.LightningDataModule):
@@ -152,7 +176,7 @@ class MNISTDataModule(L.LightningDataModule):
         """Decode, move to the training device, normalise and split; every rank gets the same split."""
         if hasattr(self, "train_set"):
             return
-        # With a GPU the whole set lives on it: only each batch's index list crosses from the host.
+        # With a GPU the whole set lives on it, and so does each epoch's order (see DeviceBatches).
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         mean, std, val_size = self.hparams.mean, self.hparams.std, self.hparams.val_size
         sets = {}
@@ -182,24 +206,15 @@ class MNISTDataModule(L.LightningDataModule):
             )
         return self.hparams.batch_size // world_size
 
-    def _sampler(self, dataset: TensorBatches, shuffle: bool) -> DistributedSampler | None:
-        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        if shuffle:
-            # Our own DistributedSampler, even on one process: Lightning leaves it in place and calls
-            # set_epoch, so every epoch reshuffles with seed + epoch, the same on every rank (each
-            # takes a disjoint shard) and the same after a resume. torch.initial_seed() is the run's
-            # --seed_everything.
-            return DistributedSampler(dataset, world_size, rank, shuffle=True, seed=torch.initial_seed())
-        if world_size > 1:
-            # Lightning's DistributedSampler would pad the last shard with repeated images, which
-            # would count some test images twice; this one leaves the shards uneven instead.
-            return UnrepeatedDistributedSampler(dataset, world_size, rank, shuffle=False)
-        return None
-
     def _loader(self, dataset: TensorBatches, shuffle: bool) -> DataLoader:
-        # Batches come whole from __getitems__, so collation only has to pass them through.
-        sampler = self._sampler(dataset, shuffle)
-        return DataLoader(dataset, self._batch_size(), sampler=sampler, collate_fn=default_convert)
+        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        if self.trainer and self.trainer.overfit_batches:
+            # Lightning swaps any sampler but a SequentialSampler for one here, which with the batches
+            # below would feed single images; so batch the plain way, in order.
+            return DataLoader(dataset, self._batch_size(), collate_fn=default_convert)
+        batches = DeviceBatches(dataset, self._batch_size(), world_size, rank, shuffle)
+        # batch_size=None: the sampler's items are whole batches, passed through as they come.
+        return DataLoader(dataset, batch_size=None, sampler=batches, collate_fn=default_convert)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
