@@ -115,7 +115,11 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--compile", metavar="MODE", help="in_memory only: torch.compile the network in this mode")
+    parser.add_argument(
+        "--compile",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="in_memory only: torch.compile the network in this mode",
+    )
     args = parser.parse_args()
     kwargs = {"epochs": args.epochs, "batch_size": args.batch_size}
     if args.which == "in_memory":

@@ -111,6 +111,7 @@ def main() -> None:
         "--compile",
         nargs="?",
         const="default",
+        choices=["default", "reduce-overhead", "max-autotune"],
         metavar="MODE",
         help="torch.compile the network in (b) and (c), in this mode (default: default)",
     )

@@ -99,9 +99,10 @@ class DeviceBatches(DistributedSampler):
 
     def __iter__(self):
         # A generator, so the order is drawn at the first batch, not when the iterator is made: Lightning
-        # makes a run's first iterator before its set_epoch, so a resumed run would replay epoch 0's order.
+        # makes a run's first iterator before its set_epoch (and takes no batch until after it), so a
+        # resumed run would otherwise replay epoch 0's order.
         order = torch.tensor(list(super().__iter__()), dtype=torch.long, device=self.dataset.labels.device)
-        yield from order.split(self.batch_size) if len(order) else ()
+        yield from order.split(self.batch_size) if len(order) else ()  # an empty split is one empty batch
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)

@@ -64,8 +64,8 @@ class MNISTClassifier(L.LightningModule):
         scheduler: ``none`` keeps ``lr`` fixed; ``onecycle`` warms up to it and anneals, stepping per batch.
         label_smoothing: weight moved from the true class onto all ten, in the cross-entropy target.
         compile: run the network through ``torch.compile`` (the first steps compile).
-        compile_mode: torch.compile's mode; ``reduce-overhead`` also replays each step's kernels as one
-            CUDA graph, for a GPU that spends the step launching kernels.
+        compile_mode: torch.compile's mode, with ``compile``; ``reduce-overhead`` also replays the network's
+            forward and backward as CUDA graphs, for a GPU that spends the step launching kernels.
     """
 
     def __init__(
