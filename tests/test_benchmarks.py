@@ -1,5 +1,7 @@
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,21 @@ def test_gpu_check_reports_a_stage_past_its_limit_and_goes_on(data_dir, tmp_path
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stdout.count("## ") == 4
     assert proc.stdout.count("stage failed or ran past 1s (exit 124)") == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["b", "c"])
+def test_step_breakdown_times_the_arithmetic_and_the_rest(data_dir, tmp_path, which):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_breakdown.py"), str(data_dir), which, "--epochs", "1"]
+        + ["--fit-args", "--data.val_size", "100"] * (which == "c"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    figures = dict(re.findall(r"(forward|backward|fused Adam|everything else|step) (\d+\.\d+)", proc.stdout))
+    assert set(figures) == {"forward", "backward", "fused Adam", "everything else", "step"}
+    parts = sum(float(figures[k]) for k in ("forward", "backward", "fused Adam", "everything else"))
+    assert all(float(v) > 0 for v in figures.values()) and parts == pytest.approx(float(figures["step"]), abs=2e-3)
