@@ -20,6 +20,9 @@ from torch import nn
 # about 2 s to a process's start and exit (and, without a GPU, an NVML probe to every optimizer step).
 
 
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune"]  # torch.compile's, as fit's --model.compile_mode
+
+
 def mlp() -> nn.Sequential:
     """The 784-128-64-10 network, as the tutorial writes it."""
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -117,7 +120,7 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--compile",
-        choices=["default", "reduce-overhead", "max-autotune"],
+        choices=COMPILE_MODES,
         help="in_memory only: torch.compile the network in this mode",
     )
     args = parser.parse_args()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from baselines import loop_seconds
+from baselines import COMPILE_MODES, loop_seconds
 
 HERE = Path(__file__).resolve().parent
 FLOPS_PER_SAMPLE = 6 * (784 * 128 + 128 * 64 + 64 * 10)  # forward + backward of the MLP's matmuls
@@ -111,7 +111,7 @@ def main() -> None:
         "--compile",
         nargs="?",
         const="default",
-        choices=["default", "reduce-overhead", "max-autotune"],
+        choices=COMPILE_MODES,
         metavar="MODE",
         help="torch.compile the network in (b) and (c), in this mode (default: default)",
     )
