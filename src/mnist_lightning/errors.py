@@ -3,10 +3,22 @@
 import gc
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class UserError(Exception):
     """Bad input or environment, described with what to do about it."""
+
+
+def write_output(path: Path, content: str | bytes) -> None:
+    """Write a command's --output file, or say in one line why it cannot be written."""
+    try:
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    except OSError as err:
+        raise UserError(f"cannot write {path} ({err.strerror}); pass --output somewhere writable") from None
 
 
 def run_main(main: Callable[[list[str]], object], args: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.data import MNISTDataModule
-from mnist_lightning.errors import UserError, run_main
+from mnist_lightning.errors import run_main, write_output
 
 
 def evaluate(model, data: MNISTDataModule) -> dict:
@@ -99,10 +99,7 @@ def cli_main(args: list[str] | None = None) -> dict:
     result = {"checkpoint": config.ckpt_path, "data": config.data.as_dict(), **evaluate(model, data)}
     print(report(result))
     output = Path(config.output or Path(config.ckpt_path).with_name(Path(config.ckpt_path).stem + ".eval.json"))
-    try:
-        output.write_text(json.dumps(result, indent=2) + "\n")
-    except OSError as err:
-        raise UserError(f"cannot write {output} ({err.strerror}); pass --output somewhere writable") from None
+    write_output(output, json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {output}")
     return result
 

@@ -8,6 +8,7 @@ the model exactly as evaluate feeds them.
 
 import argparse
 import csv
+import io
 import json
 import sys
 import warnings
@@ -18,7 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnist_lightning.checkpoint import load_checkpoint
-from mnist_lightning.errors import UserError, run_main
+from mnist_lightning.errors import UserError, run_main, write_output
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}  # what a folder is searched for
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo; anything bigger is refused as a likely decompression bomb
@@ -161,17 +162,15 @@ def cli_main(args: list[str] | None = None) -> list[dict]:
 
 
 def write(path: Path, predictions: list[dict]) -> None:
-    try:
-        with path.open("w", newline="") as f:
-            if path.suffix == ".json":
-                json.dump(predictions, f, indent=2)
-                return
-            out = csv.writer(f)
-            out.writerow(["path", "digit", "probability", "digit2", "probability2", "digit3", "probability3"])
-            for row in predictions:
-                out.writerow([row["path"], *(x for pair in row["top3"] for x in pair)])
-    except OSError as err:
-        raise UserError(f"cannot write {path} ({err.strerror}); pass --output somewhere writable") from None
+    if path.suffix == ".json":
+        write_output(path, json.dumps(predictions, indent=2))
+        return
+    text = io.StringIO(newline="")
+    out = csv.writer(text)
+    out.writerow(["path", "digit", "probability", "digit2", "probability2", "digit3", "probability3"])
+    for row in predictions:
+        out.writerow([row["path"], *(x for pair in row["top3"] for x in pair)])
+    write_output(path, text.getvalue())
 
 
 def main() -> None:
