@@ -47,6 +47,13 @@ def test_batches_are_whole_and_cover_the_epoch(data_dir):
     assert [len(y) for _, y in batches[:-1]] == [64] * (len(batches) - 1)
 
 
+def test_validation_and_test_batches_take_eval_batch_size(data_dir):
+    dm = make(data_dir, batch_size=32, eval_batch_size=40)
+    assert [len(y) for _, y in dm.val_dataloader()] == [40, 40, 20]
+    test_sizes = [len(y) for _, y in dm.test_dataloader()]
+    assert sum(test_sizes) == TEST_SIZE and set(test_sizes[:-1]) == {40}
+
+
 def test_batches_come_as_index_tensors_on_the_data_device(data_dir):
     dm = make(data_dir, batch_size=64)
     sampler = dm.train_dataloader().sampler
@@ -135,7 +142,9 @@ def test_label_count_mismatch_and_bad_label(tmp_path):
         MNISTDataModule(data_dir=str(tmp_path)).setup("fit")
 
 
-@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"val_size": -1}, {"std": 0.0}, {"dataset": "cifar"}])
+@pytest.mark.parametrize(
+    "kwargs", [{"batch_size": 0}, {"val_size": -1}, {"std": 0.0}, {"dataset": "cifar"}, {"eval_batch_size": 0}]
+)
 def test_bad_arguments(kwargs):
     with pytest.raises(UserError):
         MNISTDataModule(**kwargs)

@@ -32,12 +32,14 @@ def test_evaluate_reports_what_fit_reported_for_the_same_checkpoint(fit_result, 
 
 def test_data_options_default_to_the_checkpoints_and_can_be_overridden(fit_result, trained_ckpt, tmp_path, capsys):
     ckpt = shutil.copy(trained_ckpt, tmp_path / "model.ckpt")
-    default = cli_main(["--ckpt_path", str(ckpt), "--data.batch_size", "7"])
+    default = cli_main(["--ckpt_path", str(ckpt), "--data.eval_batch_size", "7"])
     # No --data.data_dir: the checkpoint's; the JSON lands beside the checkpoint.
     assert default["data"]["data_dir"] == fit_result["config"]["data"]["data_dir"]
-    assert default["data"]["batch_size"] == 7 and default["data"]["val_size"] == 100
+    assert default["data"]["eval_batch_size"] == 7 and default["data"]["val_size"] == 100
     assert json.loads((tmp_path / "model.eval.json").read_text())["accuracy"] == default["accuracy"]
+    # Batches of 7 instead of fit's 1000: the same figures, as the epoch metrics are sums.
     assert default["accuracy"] == pytest.approx(fit_result["test/acc"], abs=1e-6)
+    assert default["loss"] == pytest.approx(fit_result["test/loss"], rel=1e-5)
 
 
 def test_bad_data_options_exit_2_with_one_line(trained_ckpt, capsys):

@@ -8,7 +8,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import FAST, run_module
 from mnist_lightning.errors import UserError
-from mnist_lightning.fit import cli_main
+from mnist_lightning.fit import NoProfiler, cli_main
 
 
 def scalars(version_dir: Path) -> dict[str, list[float]]:
@@ -58,6 +58,22 @@ def test_overfit_batches_trains_on_the_same_whole_batches(data_dir, tmp_path, mo
     result = cli_main([*args, "--data.batch_size", "16"])
     assert result["global_step"] == 6
     assert result["train/acc"] > 0.9  # 32 images seen three times
+
+
+@pytest.mark.parametrize("profiler", [None, "simple"])
+def test_no_profiler_by_default_and_lightnings_on_request(data_dir, tmp_path, monkeypatch, caplog, profiler):
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level("INFO")
+    actions = []
+    original = NoProfiler.profile
+    monkeypatch.setattr(NoProfiler, "profile", lambda self, name: actions.append(name) or original(self, name))
+    cli_main(["--data.data_dir", str(data_dir), *FAST, *(["--trainer.profiler", profiler] if profiler else [])])
+    report = "FIT Profiler Report" in caplog.text
+    if profiler:
+        assert report and not actions
+    else:
+        assert not report and "run_training_batch" in actions and "[Strategy]SingleDeviceStrategy.backward" in actions
+        assert NoProfiler().profile("a") is NoProfiler().profile("b")  # one shared context, nothing new per call
 
 
 def test_extending_a_one_cycle_run_is_refused(data_dir, tmp_path, monkeypatch):

@@ -49,6 +49,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
         (["--trainer.accelerator", "gpu"], "check --trainer.accelerator"),
         (["--ckpt_path", "last", "--trainer.default_root_dir", "nowhere"], "no run in"),
         (["--ckpt_path", "last"], "has finished; to train it further pass its checkpoint path"),
+        (["--data.eval_batch_size", "-5"], "eval_batch_size must be positive, got -5"),
     ],
 )
 def test_bad_config_is_one_line_and_touches_nothing(good_run, data_dir, capsys, args, message):

@@ -118,6 +118,9 @@ class MNISTDataModule(L.LightningDataModule):
         batch_size_scope: ``global`` splits ``batch_size`` over the DDP processes, so that any number
             of devices takes the same optimizer steps as one; ``device`` gives each process
             ``batch_size`` (the global batch, and the right learning rate, then grow with the devices).
+        eval_batch_size: images per validation and test batch, on each process. Nothing is learned
+            from them, so a larger batch only takes fewer steps; the epoch's loss and accuracy are sums,
+            the same for any size.
         val_size: images held out of the 60k training set for validation.
         mean: pixel mean used for normalisation, pixels scaled to [0, 1] first.
         std: pixel standard deviation used for normalisation.
@@ -130,6 +133,7 @@ class MNISTDataModule(L.LightningDataModule):
         dataset: Literal["mnist", "fashion_mnist"] = "mnist",
         batch_size: int = 64,
         batch_size_scope: Literal["global", "device"] = "global",
+        eval_batch_size: int = 1000,
         val_size: int = 5000,
         mean: float = MNIST_MEAN,
         std: float = MNIST_STD,
@@ -138,8 +142,9 @@ class MNISTDataModule(L.LightningDataModule):
         super().__init__()
         if dataset not in TORCHVISION_CLASSES:
             raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(TORCHVISION_CLASSES)}")
-        if batch_size <= 0:
-            raise UserError(f"batch_size must be positive, got {batch_size}")
+        for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if size <= 0:
+                raise UserError(f"{name} must be positive, got {size}")
         if val_size < 0:
             raise UserError(f"val_size must be zero or more, got {val_size}")
         if std <= 0:
@@ -209,21 +214,21 @@ class MNISTDataModule(L.LightningDataModule):
             )
         return self.hparams.batch_size // world_size
 
-    def _loader(self, dataset: TensorBatches, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: TensorBatches, batch_size: int, shuffle: bool) -> DataLoader:
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         if self.trainer and self.trainer.overfit_batches:
             # Lightning swaps any sampler but a SequentialSampler for one here, which with the batches
             # below would feed single images; so batch the plain way, in order.
             return DataLoader(dataset, self._batch_size(), collate_fn=default_convert)
-        batches = DeviceBatches(dataset, self._batch_size(), world_size, rank, shuffle)
+        batches = DeviceBatches(dataset, batch_size, world_size, rank, shuffle)
         # batch_size=None: the sampler's items are whole batches, passed through as they come.
         return DataLoader(dataset, batch_size=None, sampler=batches, collate_fn=default_convert)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, self._batch_size(), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set, self.hparams.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set, self.hparams.eval_batch_size, shuffle=False)
