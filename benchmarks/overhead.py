@@ -2,10 +2,16 @@
 
 A 1x1 linear layer at batch 1 makes the model's work negligible, so what a Trainer step costs beyond
 the same plain PyTorch loop is Lightning's loop machinery: hooks, the optimizer closure, progress
-bookkeeping, and (second row) a logger, checkpointing and the model summary callbacks.
+bookkeeping, and (last row) a logger, checkpointing and the model summary callbacks. The third row is
+the bare Trainer as ``mnist_lightning.fit`` sets it up on a machine without a GPU: no NVML probe per
+optimizer step, and its ``NoProfiler``. The plain loop runs without the NVML probe too, as plain
+PyTorch does (Lightning's import turns it on).
 """
 
+import argparse
 import logging
+import os
+import tempfile
 import time
 import warnings
 
@@ -13,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-STEPS = 4000
+from mnist_lightning.fit import NoProfiler
 
 
 class Tiny(L.LightningModule):
@@ -37,9 +43,14 @@ class StepTimer(L.Callback):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4000, help="steps per epoch")
+    steps = parser.parse_args().steps
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
-    data = DataLoader(TensorDataset(torch.zeros(STEPS, 1)), batch_size=1)
+    data = DataLoader(TensorDataset(torch.zeros(steps, 1)), batch_size=1)
+    lightning_nvml = os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]  # "1", set by Lightning's import
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
     model = Tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     start = time.perf_counter()
@@ -47,14 +58,21 @@ def main() -> None:
         optimizer.zero_grad()
         model.training_step((x,), 0).backward()
         optimizer.step()
-    print(f"plain loop:                              {(time.perf_counter() - start) / STEPS * 1e6:6.1f} us/step")
+    print(f"{'plain loop:':40} {(time.perf_counter() - start) / steps * 1e6:6.1f} us/step")
     bare = dict(logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
     full = dict(enable_progress_bar=False)
-    for name, options in (("Trainer, no logger or callbacks", bare), ("Trainer, logger + checkpoint + summary", full)):
+    rows = (
+        ("Trainer, no logger or callbacks", bare, lightning_nvml),
+        ("the same, set up as fit does", dict(bare, profiler=NoProfiler()), "0"),
+        ("Trainer, logger + checkpoint + summary", full, lightning_nvml),
+    )
+    for name, options, nvml in rows:
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = nvml
         timer = StepTimer()
-        trainer = L.Trainer(max_epochs=2, callbacks=[timer], default_root_dir="/tmp/overhead", **options)
-        trainer.fit(Tiny(), data)
-        print(f"{name + ':':36} {timer.us:6.1f} us/step (second epoch)")
+        with tempfile.TemporaryDirectory() as root:  # the logger's and checkpoints' files, not kept
+            trainer = L.Trainer(max_epochs=2, callbacks=[timer], default_root_dir=root, **options)
+            trainer.fit(Tiny(), data)
+        print(f"{name + ':':40} {timer.us:6.1f} us/step (second epoch)")
 
 
 if __name__ == "__main__":

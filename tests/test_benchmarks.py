@@ -59,3 +59,22 @@ def test_step_breakdown_times_the_arithmetic_and_the_rest(data_dir, tmp_path, wh
     assert set(figures) == {"forward", "backward", "fused Adam", "everything else", "step"}
     parts = sum(float(figures[k]) for k in ("forward", "backward", "fused Adam", "everything else"))
     assert all(float(v) > 0 for v in figures.values()) and parts == pytest.approx(float(figures["step"]), abs=2e-3)
+
+
+def test_overhead_prints_the_plain_loop_and_three_trainers(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--steps", "20"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"^(.+?): +(\d+\.\d) us/step", proc.stdout, re.MULTILINE)
+    assert [name for name, _ in rows] == [
+        "plain loop",
+        "Trainer, no logger or callbacks",
+        "the same, set up as fit does",
+        "Trainer, logger + checkpoint + summary",
+    ]
+    assert all(float(us) > 0 for _, us in rows)
