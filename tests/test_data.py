@@ -49,6 +49,7 @@ def test_batches_are_whole_and_cover_the_epoch(data_dir):
 
 def test_validation_and_test_batches_take_eval_batch_size(data_dir):
     dm = make(data_dir, batch_size=32, eval_batch_size=40)
+    assert len(next(iter(dm.train_dataloader()))[1]) == 32
     assert [len(y) for _, y in dm.val_dataloader()] == [40, 40, 20]
     test_sizes = [len(y) for _, y in dm.test_dataloader()]
     assert sum(test_sizes) == TEST_SIZE and set(test_sizes[:-1]) == {40}

@@ -42,8 +42,16 @@ def test_data_options_default_to_the_checkpoints_and_can_be_overridden(fit_resul
     assert default["loss"] == pytest.approx(fit_result["test/loss"], rel=1e-5)
 
 
-def test_bad_data_options_exit_2_with_one_line(trained_ckpt, capsys):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data.eval_batch_size", "0"], "eval_batch_size must be positive, got 0"),
+        # The training batch has nothing to do here, so it is refused rather than silently ignored.
+        (["--data.batch_size", "7"], "unrecognized arguments: --data.batch_size 7 (see --help)"),
+    ],
+)
+def test_bad_data_options_exit_2_with_one_line(trained_ckpt, capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
-        run_main(cli_main, ["--ckpt_path", str(trained_ckpt), "--data.batch_size", "0"])
+        run_main(cli_main, ["--ckpt_path", str(trained_ckpt), *args])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == "error: batch_size must be positive, got 0\n"
+    assert capsys.readouterr().err == f"error: {message}\n"

@@ -73,7 +73,13 @@ def test_no_profiler_by_default_and_lightnings_on_request(data_dir, tmp_path, mo
         assert report and not actions
     else:
         assert not report and "run_training_batch" in actions and "[Strategy]SingleDeviceStrategy.backward" in actions
-        assert NoProfiler().profile("a") is NoProfiler().profile("b")  # one shared context, nothing new per call
+
+
+def test_no_profiler_makes_nothing_per_call():
+    contexts = {id(NoProfiler().profile(name)) for name in ("run_training_batch", "[Callback]x.on_train_batch_end")}
+    assert len(contexts) == 1
+    with NoProfiler().profile("a"), NoProfiler().profile("b"):  # hooks nest: the shared context must allow it
+        pass
 
 
 def test_extending_a_one_cycle_run_is_refused(data_dir, tmp_path, monkeypatch):

@@ -219,7 +219,7 @@ class MNISTDataModule(L.LightningDataModule):
         if self.trainer and self.trainer.overfit_batches:
             # Lightning swaps any sampler but a SequentialSampler for one here, which with the batches
             # below would feed single images; so batch the plain way, in order.
-            return DataLoader(dataset, self._batch_size(), collate_fn=default_convert)
+            return DataLoader(dataset, batch_size, collate_fn=default_convert)
         batches = DeviceBatches(dataset, batch_size, world_size, rank, shuffle)
         # batch_size=None: the sampler's items are whole batches, passed through as they come.
         return DataLoader(dataset, batch_size=None, sampler=batches, collate_fn=default_convert)

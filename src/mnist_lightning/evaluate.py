@@ -2,7 +2,8 @@
 
 Prints accuracy and loss, per-class accuracy, precision and recall, and the confusion matrix, and writes
 them to JSON (by default ``<checkpoint>.eval.json`` beside the checkpoint). ``--data.*`` options work as
-in fit; their defaults are those the checkpoint was trained with. ``--verbose`` shows an error's traceback.
+in fit, less the training batch's; their defaults are those the checkpoint was trained with. ``--verbose``
+shows an error's traceback.
 """
 
 import argparse
@@ -11,13 +12,13 @@ import json
 from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.data import MNISTDataModule
-from mnist_lightning.errors import run_main, write_output
+from mnist_lightning.errors import UserError, run_main, write_output
 
 
 def evaluate(model, data: MNISTDataModule) -> dict:
@@ -85,16 +86,23 @@ def cli_main(args: list[str] | None = None) -> dict:
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--ckpt_path")
     ckpt_path = early.parse_known_args(args)[0].ckpt_path
-    parser = ArgumentParser(prog="python -m mnist_lightning.evaluate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(
+        prog="python -m mnist_lightning.evaluate", description=__doc__.splitlines()[0], exit_on_error=False
+    )
     parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by mnist_lightning.fit")
     parser.add_argument("--output", type=str | None, default=None, help="JSON file (default: beside the checkpoint)")
-    parser.add_class_arguments(MNISTDataModule, "data")
+    # The training batch options would do nothing here: the test set goes by --data.eval_batch_size.
+    training_only = {"batch_size", "batch_size_scope"}
+    parser.add_class_arguments(MNISTDataModule, "data", skip=training_only)
     model = None
     if ckpt_path:
         model, _, saved = load_checkpoint(ckpt_path)
-        known = inspect.signature(MNISTDataModule).parameters
+        known = inspect.signature(MNISTDataModule).parameters.keys() - training_only
         parser.set_defaults({f"data.{k}": v for k, v in saved.items() if k in known})
-    config = parser.parse_args(args)
+    try:
+        config = parser.parse_args(args)
+    except ArgumentError as err:  # one line, as in fit, instead of the whole usage
+        raise UserError(f"{' '.join(str(err).split())} (see --help)") from None
     data = MNISTDataModule(**config.data.as_dict())
     result = {"checkpoint": config.ckpt_path, "data": config.data.as_dict(), **evaluate(model, data)}
     print(report(result))

@@ -68,7 +68,7 @@ class EpochTimer(Callback):
 class NoProfiler(PassThroughProfiler):
     """Lightning's default profiler, which records nothing, minus the cost of its context manager.
 
-    Lightning enters ``profiler.profile(name)`` around every hook call, some 90 times a training step.
+    Lightning enters ``profiler.profile(name)`` around every hook call, some 47 times a training step.
     The default's is a new generator-based context manager each time; this one hands back one shared
     no-op context. Any ``--trainer.profiler`` replaces it.
     """
