@@ -10,13 +10,18 @@ class UserError(Exception):
     """Bad input or environment, described with what to do about it."""
 
 
+def usage_error(err: Exception) -> UserError:
+    """A command-line parsing error as one line (jsonargparse's can span several), instead of the usage."""
+    return UserError(f"{' '.join(str(err).split())} (see --help)")
+
+
 def write_output(path: Path, content: str | bytes) -> None:
     """Write a command's --output file, or say in one line why it cannot be written."""
     try:
         if isinstance(content, bytes):
             path.write_bytes(content)
         else:
-            path.write_text(content)
+            path.write_text(content, newline="")  # as given: the csv module writes its own line ends
     except OSError as err:
         raise UserError(f"cannot write {path} ({err.strerror}); pass --output somewhere writable") from None
 

@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.data import MNISTDataModule
-from mnist_lightning.errors import UserError, run_main, write_output
+from mnist_lightning.errors import run_main, usage_error, write_output
 
 
 def evaluate(model, data: MNISTDataModule) -> dict:
@@ -101,8 +101,8 @@ def cli_main(args: list[str] | None = None) -> dict:
         parser.set_defaults({f"data.{k}": v for k, v in saved.items() if k in known})
     try:
         config = parser.parse_args(args)
-    except ArgumentError as err:  # one line, as in fit, instead of the whole usage
-        raise UserError(f"{' '.join(str(err).split())} (see --help)") from None
+    except ArgumentError as err:
+        raise usage_error(err) from None
     data = MNISTDataModule(**config.data.as_dict())
     result = {"checkpoint": config.ckpt_path, "data": config.data.as_dict(), **evaluate(model, data)}
     print(report(result))

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mnist_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint
 from mnist_lightning.data import MNISTDataModule
-from mnist_lightning.errors import UserError, run_main
+from mnist_lightning.errors import UserError, run_main, usage_error
 from mnist_lightning.model import MNISTClassifier
 from mnist_lightning.runs import ensure_writable, resolve_resume
 
@@ -153,7 +153,7 @@ def cli_main(args: list[str] | None = None) -> dict:
             auto_configure_optimizers=False,  # the model's own configure_optimizers is the one
         )
     except ArgumentError as err:
-        raise UserError(f"{' '.join(str(err).split())} (see --help)") from None
+        raise usage_error(err) from None
     except MisconfigurationException as err:  # e.g. --trainer.accelerator gpu on a machine without one
         message = " ".join(str(err).split())  # Lightning's messages can span lines
         raise UserError(f"{message} (check --trainer.accelerator, --trainer.devices, --trainer.strategy)") from None
