@@ -1,12 +1,29 @@
 import torch
 
-from mnist_lightning.model import MLP, LossAndAccuracy, MNISTClassifier
+from mnist_lightning.model import MLP, LossAndAccuracy, MNISTClassifier, SmoothedCrossEntropy
 
 
 def test_network_is_784_128_64_10():
     shapes = [tuple(p.shape) for p in MLP().parameters()]
     assert shapes == [(128, 784), (128,), (64, 128), (64,), (10, 64), (10,)]
     assert MNISTClassifier(hidden1=32, hidden2=16)(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_smoothed_loss_matches_torchs_label_smoothing_in_value_and_gradient():
+    torch.manual_seed(0)
+    logits, target = torch.randn(32, 10), torch.randint(0, 10, (32,))
+    for smoothing in (0.1, 0.5):
+        ours = logits.clone().requires_grad_()
+        theirs = logits.clone().requires_grad_()
+        loss = SmoothedCrossEntropy(smoothing)(ours, target)
+        expected = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)(theirs, target)
+        loss.backward()
+        expected.backward()
+        # Equal to float32 rounding (the two sum the same terms in another order).
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-8)
+    assert isinstance(MNISTClassifier(label_smoothing=0.1).loss, SmoothedCrossEntropy)
+    assert "loss.targets" not in MNISTClassifier(label_smoothing=0.1).state_dict()  # checkpoints unchanged
 
 
 def test_epoch_metrics_weigh_each_sample_and_keep_a_nan():

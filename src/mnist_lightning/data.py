@@ -187,21 +187,20 @@ class MNISTDataModule(L.LightningDataModule):
         # With a GPU the whole set lives on it, and so does each epoch's order (see DeviceBatches).
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         mean, std, val_size = self.hparams.mean, self.hparams.std, self.hparams.val_size
-        sets = {}
-        for split in FILES:
-            images, labels = load_split(self.raw_dir, split)
-            sets[split] = (
-                images.to(device).float().div_(255).sub_(mean).div_(std),
-                labels.to(device),
-            )
-        images, labels = sets["train"]
+
+        def normalised(images: torch.Tensor, labels: torch.Tensor) -> TensorBatches:
+            return TensorBatches(images.to(device).float().div_(255).sub_(mean).div_(std), labels.to(device))
+
+        images, labels = load_split(self.raw_dir, "train")
+        test = load_split(self.raw_dir, "test")
         if val_size >= len(labels):
             raise UserError(f"val_size {val_size} leaves no training data: the set has {len(labels)} images")
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.hparams.split_seed))
-        val, train = order[:val_size].to(device), order[val_size:].to(device)
-        self.train_set = TensorBatches(images[train], labels[train])
-        self.val_set = TensorBatches(images[val], labels[val])
-        self.test_set = TensorBatches(*sets["test"])
+        val, train = order[:val_size], order[val_size:]
+        # Split the bytes, then normalise: the gather moves a quarter of the memory it would as floats.
+        self.train_set = normalised(images[train], labels[train])
+        self.val_set = normalised(images[val], labels[val])
+        self.test_set = normalised(*test)
 
     def _batch_size(self) -> int:
         world_size = self.trainer.world_size if self.trainer else 1
