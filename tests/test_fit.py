@@ -3,12 +3,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import FAST, run_module
 from mnist_lightning.errors import UserError
 from mnist_lightning.fit import NoProfiler, cli_main
+from mnist_lightning.model import MNISTClassifier
 
 
 def scalars(version_dir: Path) -> dict[str, list[float]]:
@@ -80,6 +82,36 @@ def test_no_profiler_makes_nothing_per_call():
     assert len(contexts) == 1
     with NoProfiler().profile("a"), NoProfiler().profile("b"):  # hooks nest: the shared context must allow it
         pass
+
+
+def test_steps_read_no_tensor_value_on_the_host_but_on_logging_steps(data_dir, tmp_path, monkeypatch):
+    """On a GPU each .item(), bool(tensor) or .tolist() waits for the device. Within a training or
+    validation step none may happen, except the NaN check on the steps Lightning logs on."""
+    monkeypatch.chdir(tmp_path)
+    reads, where = [], {"step": None}
+
+    def counted(name, original):
+        def read(self, *args, **kwargs):
+            if where["step"] is not None:
+                reads.append((where["step"], name))
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+
+    def mark(step):  # the hook records where the reads that follow happen; None between steps
+        return lambda self, *args: where.update(step=step(self))
+
+    monkeypatch.setattr(MNISTClassifier, "on_train_batch_start", mark(lambda model: model.global_step))
+    monkeypatch.setattr(MNISTClassifier, "on_validation_batch_start", mark(lambda model: "validation"))
+    monkeypatch.setattr(MNISTClassifier, "on_train_batch_end", mark(lambda model: None))
+    monkeypatch.setattr(MNISTClassifier, "on_validation_batch_end", mark(lambda model: None))
+    result = cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.log_every_n_steps", "5"])
+    logging_steps = [step for step in range(result["global_step"]) if (step + 1) % 5 == 0]
+    assert result["global_step"] == 16 and logging_steps == [4, 9, 14]  # 900 images in batches of 128, 2 epochs
+    assert reads == [(step, "__bool__") for step in logging_steps]  # the NaN check, and nothing else
 
 
 def test_extending_a_one_cycle_run_is_refused(data_dir, tmp_path, monkeypatch):
