@@ -114,6 +114,23 @@ def test_steps_read_no_tensor_value_on_the_host_but_on_logging_steps(data_dir, t
     assert reads == [(step, "__bool__") for step in logging_steps]  # the NaN check, and nothing else
 
 
+def test_epoch_metrics_count_in_float32_whatever_the_precision(data_dir, tmp_path, monkeypatch):
+    """bf16-true casts the module; a bfloat16 count would stop at 256 (and a loss sum lose its digits)."""
+    monkeypatch.chdir(tmp_path)
+    dtypes, original = set(), MNISTClassifier.on_test_epoch_end
+
+    def record(self):
+        for metric in (self.train_metrics, self.val_metrics, self.test_metrics):
+            dtypes.update(state.dtype for state in (metric.loss_sum, metric.correct, metric.count))
+        dtypes.add(self.val_acc_best.max_value.dtype)
+        original(self)
+
+    monkeypatch.setattr(MNISTClassifier, "on_test_epoch_end", record)
+    result = cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.precision", "bf16-true"])
+    assert dtypes == {torch.float32}
+    assert result["test/acc"] > 0.9  # bfloat16 weights still learn the bars
+
+
 def test_extending_a_one_cycle_run_is_refused(data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli_main(["--data.data_dir", str(data_dir), *FAST])

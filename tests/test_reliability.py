@@ -109,6 +109,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     assert all(torch.isfinite(w).all() for w in weights(last).values())
 
 
+def test_float16_training_stops_with_advice_on_the_precision(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"train/loss is (nan|inf) .* use --trainer.precision 16-mixed$"):
+        cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.precision", "16-true"])
+
+
 def test_concurrent_claims_get_distinct_versions(tmp_path):
     versions = []
     threads = [threading.Thread(target=lambda: versions.append(claim_version(tmp_path))) for _ in range(8)]

@@ -198,8 +198,8 @@ class MNISTDataModule(L.LightningDataModule):
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.hparams.split_seed))
         val, train = order[:val_size], order[val_size:]
         # Split the bytes, then normalise: the gather moves a quarter of the memory it would as floats.
-        self.train_set = normalised(images[train], labels[train])
-        self.val_set = normalised(images[val], labels[val])
+        self.train_set = normalised(images.index_select(0, train), labels[train])
+        self.val_set = normalised(images.index_select(0, val), labels[val])
         self.test_set = normalised(*test)
 
     def _batch_size(self) -> int:
