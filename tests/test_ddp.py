@@ -128,3 +128,20 @@ def test_smoke(data_dir, tmp_path, options):
     )
     metrics = json.loads(next(tmp_path.glob("lightning_logs/version_0/metrics.json")).read_text())
     assert metrics["test/acc"] > 0.2
+
+
+def test_the_process_group_is_destroyed_at_exit(tmp_path):
+    """gloo aborts an exiting process now and then when its group is left to the interpreter's shutdown
+    (ProcessGroupTeardown's docstring); every process a fit sets up must destroy it at exit."""
+    script = f"""
+import atexit, torch
+from mnist_lightning.fit import ProcessGroupTeardown
+torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+# atexit runs last-registered first, so this reports after the teardown has run
+atexit.register(lambda: print("initialized at exit:", torch.distributed.is_initialized()))
+for stage in ("fit", "test"):  # both stages set up; the group is destroyed once
+    ProcessGroupTeardown().setup(None, None, stage)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "initialized at exit: False"
