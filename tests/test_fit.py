@@ -131,6 +131,26 @@ def test_epoch_metrics_count_in_float32_whatever_the_precision(data_dir, tmp_pat
     assert result["test/acc"] > 0.9  # bfloat16 weights still learn the bars
 
 
+BAR = ["--trainer.enable_progress_bar", "true"]  # as on a terminal; in a log or pipe it is off
+
+
+@pytest.mark.parametrize(
+    ("options", "refresh_rate"),
+    [
+        (BAR, 20),
+        (["--trainer.enable_progress_bar", "false"], None),
+        ([*BAR, "--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate", "3"], 3),
+    ],
+)
+def test_progress_bar_redraws_every_20th_step_unless_configured(data_dir, tmp_path, monkeypatch, options, refresh_rate):
+    """Ours redraws every 20th step, not every step; none when turned off; the user's own bar if given."""
+    monkeypatch.chdir(tmp_path)
+    bars = []
+    monkeypatch.setattr(MNISTClassifier, "on_fit_end", lambda self: bars.append(self.trainer.progress_bar_callback))
+    cli_main(["--data.data_dir", str(data_dir), *FAST, *options])
+    assert (bars[0].refresh_rate if bars[0] else None) == refresh_rate
+
+
 def test_extending_a_one_cycle_run_is_refused(data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli_main(["--data.data_dir", str(data_dir), *FAST])

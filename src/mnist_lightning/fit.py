@@ -15,7 +15,7 @@ import torch
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import PassThroughProfiler
@@ -126,6 +126,12 @@ class MNISTCLI(LightningCLI):
             self.trainer_defaults["callbacks"] = [
                 c for c in self.trainer_defaults["callbacks"] if not isinstance(c, ModelCheckpoint)
             ]
+        theirs = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        theirs = theirs if isinstance(theirs, list) else [theirs]
+        if config.enable_progress_bar is not False and not any(isinstance(c, ProgressBar) for c in theirs):
+            # Lightning's default bar redraws after every step: on a terminal that was 0.3 ms of a
+            # 0.8 ms seed.yaml step on a 2-core CPU. Every 20th step still looks live.
+            self.trainer_defaults["callbacks"].append(TQDMProgressBar(refresh_rate=20))
         if config.logger in (None, True):  # the default logger, not one the user configured
             root = Path(config.default_root_dir or ".").resolve() / "lightning_logs"
             self.config.ckpt_path, version = resolve_resume(root, self.config.ckpt_path)
