@@ -126,7 +126,7 @@ class MNISTCLI(LightningCLI):
             self.trainer_defaults["callbacks"] = [
                 c for c in self.trainer_defaults["callbacks"] if not isinstance(c, ModelCheckpoint)
             ]
-        theirs = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        theirs = self.config_init.trainer.get("callbacks") or []
         theirs = theirs if isinstance(theirs, list) else [theirs]
         if config.enable_progress_bar is not False and not any(isinstance(c, ProgressBar) for c in theirs):
             # Lightning's default bar redraws after every step: on a terminal that was 0.3 ms of a
