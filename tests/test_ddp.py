@@ -11,6 +11,7 @@ import torch
 
 from conftest import FAST, run_module
 from mnist_lightning.data import MNISTDataModule
+from mnist_lightning.fit import ProcessGroupTeardown, cli_main
 from mnist_lightning.model import MNISTClassifier
 
 pytestmark = pytest.mark.slow
@@ -130,18 +131,25 @@ def test_smoke(data_dir, tmp_path, options):
     assert metrics["test/acc"] > 0.2
 
 
-def test_the_process_group_is_destroyed_at_exit(tmp_path):
+def test_the_process_group_is_destroyed_at_exit(data_dir, tmp_path, monkeypatch):
     """gloo aborts an exiting process now and then when its group is left to the interpreter's shutdown
-    (ProcessGroupTeardown's docstring); every process a fit sets up must destroy it at exit."""
+    (ProcessGroupTeardown's docstring); every process a fit sets up must destroy it at exit, once."""
+    monkeypatch.chdir(tmp_path)
+    callbacks = []
+    monkeypatch.setattr(MNISTClassifier, "on_fit_end", lambda self: callbacks.extend(self.trainer.callbacks))
+    cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "1"])
+    assert sum(isinstance(c, ProcessGroupTeardown) for c in callbacks) == 1
     script = f"""
 import atexit, torch
 from mnist_lightning.fit import ProcessGroupTeardown
 torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+destroy, calls = torch.distributed.destroy_process_group, []
+torch.distributed.destroy_process_group = lambda: calls.append(1) or destroy()
 # atexit runs last-registered first, so this reports after the teardown has run
-atexit.register(lambda: print("initialized at exit:", torch.distributed.is_initialized()))
-for stage in ("fit", "test"):  # both stages set up; the group is destroyed once
+atexit.register(lambda: print("initialized at exit:", torch.distributed.is_initialized(), "destroyed", len(calls)))
+for stage in ("fit", "test"):  # both stages set up; the group is destroyed once, without an error
     ProcessGroupTeardown().setup(None, None, stage)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "initialized at exit: False"
+    assert proc.stdout.strip() == "initialized at exit: False destroyed 1"

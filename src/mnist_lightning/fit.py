@@ -76,13 +76,13 @@ class ProcessGroupTeardown(Callback):
 
     Left to the interpreter's shutdown, a gloo group now and then aborts the process ("terminate called
     without an active exception"): in 12 of 25 runs of a bare two-process spawn on a 2-core CPU, none
-    once destroyed. Set up in every process, ddp_spawn's workers included, which never run cli_main.
+    once destroyed. Set up in every process, ddp_spawn's workers included, which never run cli_main;
+    ddp_fork's workers end in os._exit, which skips both the handler and the shutdown that aborts.
     """
 
     def setup(self, trainer: Trainer, pl_module, stage: str) -> None:
         if torch.distributed.is_initialized():
-            atexit.unregister(destroy_process_group)  # once, however many stages set up
-            atexit.register(destroy_process_group)
+            atexit.register(destroy_process_group)  # registered by each stage; only the first finds a group
 
 
 class NoProfiler(PassThroughProfiler):
