@@ -44,6 +44,15 @@ def test_gpu_check_reports_a_stage_past_its_limit_and_goes_on(data_dir, tmp_path
 
 
 @pytest.mark.slow
+def test_gpu_check_ends_within_its_budget(data_dir, tmp_path):
+    """Once the shared budget is spent the stages left are skipped, each saying so, not run past it."""
+    proc = gpu_check(data_dir, tmp_path, BUDGET="1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    outcomes = [part.strip().splitlines()[-1] for part in proc.stdout.split("## ")[1:]]
+    assert outcomes == ["stage failed or ran past 1s (exit 124)"] + ["stage skipped: the 1s budget is spent"] * 3
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["b", "c"])
 def test_step_breakdown_times_the_arithmetic_and_the_rest(data_dir, tmp_path, which):
     proc = subprocess.run(
