@@ -140,6 +140,7 @@ BAR = ["--trainer.enable_progress_bar", "true"]  # as on a terminal; in a log or
         (BAR, 20),
         (["--trainer.enable_progress_bar", "false"], None),
         ([*BAR, "--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate", "3"], 3),
+        (["--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate", "3"], 3),  # a bar asked for
     ],
 )
 def test_progress_bar_redraws_every_20th_step_unless_configured(data_dir, tmp_path, monkeypatch, options, refresh_rate):

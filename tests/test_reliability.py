@@ -50,6 +50,10 @@ def snapshot(folder: Path) -> dict[str, bytes]:
         (["--ckpt_path", "last", "--trainer.default_root_dir", "nowhere"], "no run in"),
         (["--ckpt_path", "last"], "has finished; to train it further pass its checkpoint path"),
         (["--data.eval_batch_size", "-5"], "eval_batch_size must be positive, got -5"),
+        (
+            ["--trainer.enable_progress_bar", "false", "--trainer.callbacks+=TQDMProgressBar"],
+            "configured with `enable_progress_bar=False` but found `TQDMProgressBar` in callbacks list.",
+        ),
     ],
 )
 def test_bad_config_is_one_line_and_touches_nothing(good_run, data_dir, capsys, args, message):
@@ -60,6 +64,8 @@ def test_bad_config_is_one_line_and_touches_nothing(good_run, data_dir, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2
     assert err[-1].startswith("error: ") and message in err[-1]
+    # The hint at the accelerator options comes with the accelerator's errors only.
+    assert ("check --trainer.accelerator" in err[-1]) == ("check --trainer.accelerator" in message)
     assert "Traceback" not in "\n".join(err)
     assert snapshot(good_run.parent) == before
     assert [p.name for p in good_run.parent.iterdir()] == ["version_0"]  # and no new, empty run folder

@@ -5,6 +5,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -128,7 +129,12 @@ class MNISTCLI(LightningCLI):
             ]
         theirs = self.config_init.trainer.get("callbacks") or []
         theirs = theirs if isinstance(theirs, list) else [theirs]
-        if config.enable_progress_bar is not False and not any(isinstance(c, ProgressBar) for c in theirs):
+        their_bar = any(isinstance(c, ProgressBar) for c in theirs)
+        # Unless set, a bar shows on a terminal, or wherever the user's --trainer.callbacks bring one.
+        kwargs["enable_progress_bar"] = config.enable_progress_bar
+        if kwargs["enable_progress_bar"] is None:
+            kwargs["enable_progress_bar"] = sys.stderr.isatty() or their_bar
+        if kwargs["enable_progress_bar"] and not their_bar:
             # Lightning's default bar redraws after every step: on a terminal that was 0.3 ms of a
             # 0.8 ms seed.yaml step on a 2-core CPU. Every 20th step still looks live.
             self.trainer_defaults["callbacks"].append(TQDMProgressBar(refresh_rate=20))
@@ -172,7 +178,8 @@ def cli_main(args: list[str] | None = None) -> dict:
             args=args,
             run=False,
             seed_everything_default=42,
-            trainer_defaults={"enable_progress_bar": interactive, "callbacks": [timer, last, ProcessGroupTeardown()]},
+            # enable_progress_bar None: decided in instantiate_trainer, once the callbacks are known.
+            trainer_defaults={"enable_progress_bar": None, "callbacks": [timer, last, ProcessGroupTeardown()]},
             # Raise instead of printing the whole usage, so that a mistake reads as one line.
             parser_kwargs={"default_config_files": default_config, "exit_on_error": False},
             save_config_kwargs={"overwrite": True},
@@ -182,7 +189,9 @@ def cli_main(args: list[str] | None = None) -> dict:
         raise usage_error(err) from None
     except MisconfigurationException as err:  # e.g. --trainer.accelerator gpu on a machine without one
         message = " ".join(str(err).split())  # Lightning's messages can span lines
-        raise UserError(f"{message} (check --trainer.accelerator, --trainer.devices, --trainer.strategy)") from None
+        if re.search(r"accelerator|device|strateg|backend|gpu|cuda|mps|tpu", message, re.IGNORECASE):
+            message += " (check --trainer.accelerator, --trainer.devices, --trainer.strategy)"
+        raise UserError(message) from None
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     if trainer.logger:
         # Fix the version folder here, or under ddp_spawn the fit's and the test's spawned
