@@ -140,16 +140,18 @@ def test_the_process_group_is_destroyed_at_exit(data_dir, tmp_path, monkeypatch)
     cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "1"])
     assert sum(isinstance(c, ProcessGroupTeardown) for c in callbacks) == 1
     script = f"""
-import atexit, torch
+import atexit, signal, torch
 from mnist_lightning.fit import ProcessGroupTeardown
 torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 destroy, calls = torch.distributed.destroy_process_group, []
-torch.distributed.destroy_process_group = lambda: calls.append(1) or destroy()
+# Ctrl-C is ignored while the group is destroyed, and handled as before afterwards.
+torch.distributed.destroy_process_group = lambda: calls.append(signal.getsignal(signal.SIGINT).name) or destroy()
 # atexit runs last-registered first, so this reports after the teardown has run
-atexit.register(lambda: print("initialized at exit:", torch.distributed.is_initialized(), "destroyed", len(calls)))
+atexit.register(lambda: print("initialized at exit:", torch.distributed.is_initialized(), "destroyed", calls,
+                              "then", signal.getsignal(signal.SIGINT).__name__))
 for stage in ("fit", "test"):  # both stages set up; the group is destroyed once, without an error
     ProcessGroupTeardown().setup(None, None, stage)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "initialized at exit: False destroyed 1"
+    assert proc.stdout.strip() == "initialized at exit: False destroyed ['SIG_IGN'] then default_int_handler"

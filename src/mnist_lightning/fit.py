@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -69,7 +70,12 @@ class EpochTimer(Callback):
 
 def destroy_process_group() -> None:
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        # A Ctrl-C in here would leave the group half torn down, the very state this avoids.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            torch.distributed.destroy_process_group()
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 class ProcessGroupTeardown(Callback):
