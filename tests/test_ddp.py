@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import FAST, run_module
+from mnist_lightning.callbacks import ProcessGroupTeardown
 from mnist_lightning.data import MNISTDataModule
-from mnist_lightning.fit import ProcessGroupTeardown, cli_main
+from mnist_lightning.fit import cli_main
 from mnist_lightning.model import MNISTClassifier
 
 pytestmark = pytest.mark.slow
@@ -141,7 +142,7 @@ def test_the_process_group_is_destroyed_at_exit(data_dir, tmp_path, monkeypatch)
     assert sum(isinstance(c, ProcessGroupTeardown) for c in callbacks) == 1
     script = f"""
 import atexit, signal, torch
-from mnist_lightning.fit import ProcessGroupTeardown
+from mnist_lightning.callbacks import ProcessGroupTeardown
 torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 destroy, calls = torch.distributed.destroy_process_group, []
 # Ctrl-C is ignored while the group is destroyed, and handled as before afterwards.

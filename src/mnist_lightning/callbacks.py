@@ -1,0 +1,63 @@
+"""The two callbacks every fit adds: a line per epoch in logs, and the process group torn down at exit."""
+
+import atexit
+import signal
+import time
+
+import torch
+from lightning.pytorch import Callback, Trainer
+
+
+class EpochTimer(Callback):
+    """Times each training epoch (validation included); prints one plain line per epoch if asked.
+
+    The lines are for logs and pipes, where a progress bar would be carriage-return spam.
+    """
+
+    def __init__(self, print_lines: bool):
+        self.print_lines, self.seconds, self.start, self.done = print_lines, [], 0.0, False
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module) -> None:
+        self._finish(trainer)
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module) -> None:
+        # Callbacks run before the module's own on_train_epoch_end, where train/ metrics are
+        # logged, so the line is printed at the next epoch's start or at the end of training.
+        self.seconds.append(time.perf_counter() - self.start)
+        self.done = True
+
+    def on_train_end(self, trainer: Trainer, pl_module) -> None:
+        self._finish(trainer)
+
+    def _finish(self, trainer: Trainer) -> None:
+        if self.done and self.print_lines and trainer.is_global_zero:
+            metrics = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()))
+            print(
+                f"epoch {trainer.current_epoch}/{trainer.max_epochs}  {metrics}  ({self.seconds[-1]:.1f}s)", flush=True
+            )
+        self.done = False
+
+
+def destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        # A Ctrl-C in here would leave the group half torn down, the very state this avoids.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            torch.distributed.destroy_process_group()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class ProcessGroupTeardown(Callback):
+    """Destroys the process group, if there is one, when the process exits; Lightning does so for NCCL only.
+
+    Left to the interpreter's shutdown, a gloo group now and then aborts the process ("terminate called
+    without an active exception"): in 12 of 25 runs of a bare two-process spawn on a 2-core CPU, none
+    once destroyed. Set up in every process, ddp_spawn's workers included, which never run cli_main;
+    ddp_fork's workers end in os._exit, which skips both the handler and the shutdown that aborts.
+    """
+
+    def setup(self, trainer: Trainer, pl_module, stage: str) -> None:
+        if torch.distributed.is_initialized():
+            atexit.register(destroy_process_group)  # registered by each stage; only the first finds a group
