@@ -143,6 +143,7 @@ def test_the_process_group_is_destroyed_at_exit(data_dir, tmp_path, monkeypatch)
     script = f"""
 import atexit, signal, torch
 from mnist_lightning.callbacks import ProcessGroupTeardown
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a shell, whatever pytest was started with
 torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 destroy, calls = torch.distributed.destroy_process_group, []
 # Ctrl-C is ignored while the group is destroyed, and handled as before afterwards.

@@ -143,13 +143,17 @@ BAR = ["--trainer.enable_progress_bar", "true"]  # as on a terminal; in a log or
         (["--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate", "3"], 3),  # a bar asked for
     ],
 )
-def test_progress_bar_redraws_every_20th_step_unless_configured(data_dir, tmp_path, monkeypatch, options, refresh_rate):
-    """Ours redraws every 20th step, not every step; none when turned off; the user's own bar if given."""
+def test_progress_bar_redraws_every_20th_step_unless_configured(
+    data_dir, tmp_path, monkeypatch, capsys, options, refresh_rate
+):
+    """Ours redraws every 20th step, not every step; none when turned off; the user's own bar if given.
+    A line per epoch is printed instead of a bar, never beside one."""
     monkeypatch.chdir(tmp_path)
     bars = []
     monkeypatch.setattr(MNISTClassifier, "on_fit_end", lambda self: bars.append(self.trainer.progress_bar_callback))
     cli_main(["--data.data_dir", str(data_dir), *FAST, *options])
     assert (bars[0].refresh_rate if bars[0] else None) == refresh_rate
+    assert ("epoch 2/2  train/acc" in capsys.readouterr().out) == (refresh_rate is None)
 
 
 def test_extending_a_one_cycle_run_is_refused(data_dir, tmp_path, monkeypatch):

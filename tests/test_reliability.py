@@ -54,6 +54,9 @@ def snapshot(folder: Path) -> dict[str, bytes]:
             ["--trainer.enable_progress_bar", "false", "--trainer.callbacks+=TQDMProgressBar"],
             "configured with `enable_progress_bar=False` but found `TQDMProgressBar` in callbacks list.",
         ),
+        (["--trainer.strategy", "foo"], "documentation at https://lightning.ai (check --trainer.accelerator"),
+        (["--trainer.num_nodes", "0"], "`num_nodes` must be a positive integer, but got 0."),
+        (["--checkpoint.mode", "outputs"], "`mode` can be min, max but got outputs"),
     ],
 )
 def test_bad_config_is_one_line_and_touches_nothing(good_run, data_dir, capsys, args, message):

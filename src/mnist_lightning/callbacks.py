@@ -9,13 +9,13 @@ from lightning.pytorch import Callback, Trainer
 
 
 class EpochTimer(Callback):
-    """Times each training epoch (validation included); prints one plain line per epoch if asked.
+    """Times each training epoch (validation included); prints a plain line per epoch if there is no bar.
 
     The lines are for logs and pipes, where a progress bar would be carriage-return spam.
     """
 
-    def __init__(self, print_lines: bool):
-        self.print_lines, self.seconds, self.start, self.done = print_lines, [], 0.0, False
+    def __init__(self):
+        self.seconds, self.start, self.done = [], 0.0, False
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module) -> None:
         self._finish(trainer)
@@ -31,7 +31,7 @@ class EpochTimer(Callback):
         self._finish(trainer)
 
     def _finish(self, trainer: Trainer) -> None:
-        if self.done and self.print_lines and trainer.is_global_zero:
+        if self.done and trainer.progress_bar_callback is None and trainer.is_global_zero:
             metrics = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()))
             print(
                 f"epoch {trainer.current_epoch}/{trainer.max_epochs}  {metrics}  ({self.seconds[-1]:.1f}s)", flush=True

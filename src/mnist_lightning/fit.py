@@ -36,6 +36,14 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended to run from within Python.*")
 
 
+def config_error(err: Exception) -> UserError:
+    """Lightning's verdict on an option, as one line, with a hint where it concerns the hardware."""
+    message = " ".join(str(err).split())  # Lightning's messages can span lines
+    if re.search(r"accelerator|strateg|backend|\b(devices?|gpus?|cuda|mps|tpus?)\b", message, re.IGNORECASE):
+        message += " (check --trainer.accelerator, --trainer.devices, --trainer.strategy)"
+    return UserError(message)
+
+
 class NoProfiler(PassThroughProfiler):
     """Lightning's default profiler, which records nothing, minus the cost of its context manager.
 
@@ -80,10 +88,11 @@ class MNISTCLI(LightningCLI):
         theirs = self.config_init.trainer.get("callbacks") or []
         theirs = theirs if isinstance(theirs, list) else [theirs]
         their_bar = any(isinstance(c, ProgressBar) for c in theirs)
-        # Unless set, a bar shows on a terminal, or wherever the user's --trainer.callbacks bring one.
+        # Unless set, a bar shows on a terminal (the bar draws on stdout), or wherever the user's
+        # --trainer.callbacks bring one; elsewhere EpochTimer prints a line per epoch.
         kwargs["enable_progress_bar"] = config.enable_progress_bar
         if kwargs["enable_progress_bar"] is None:
-            kwargs["enable_progress_bar"] = sys.stderr.isatty() or their_bar
+            kwargs["enable_progress_bar"] = sys.stdout.isatty() or their_bar
         if kwargs["enable_progress_bar"] and not their_bar:
             # Lightning's default bar redraws after every step: on a terminal that was 0.3 ms of a
             # 0.8 ms seed.yaml step on a 2-core CPU. Every 20th step still looks live.
@@ -99,11 +108,13 @@ class MNISTCLI(LightningCLI):
             kwargs["profiler"] = NoProfiler()
         try:
             return super().instantiate_trainer(**kwargs)
-        except BaseException:
+        except BaseException as err:
             # A Trainer that cannot be built (no GPU, say) must not leave an empty run folder.
             claimed = getattr(self, "claimed", None)
             if claimed and claimed.is_dir() and not any(claimed.iterdir()):
                 claimed.rmdir()
+            if isinstance(err, MisconfigurationException | ValueError | TypeError):  # no GPU, a bad strategy
+                raise config_error(err) from err
             raise
 
 
@@ -115,11 +126,10 @@ def cli_main(args: list[str] | None = None) -> dict:
         # step, and with no NVIDIA driver each NVML probe loads the library again: 31 us a call. With
         # no GPU there is nothing to initialise, and the plain check answers in under a microsecond.
         os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
-    interactive = sys.stderr.isatty()
-    timer = EpochTimer(print_lines=not interactive)
     # last.ckpt after every epoch, for resuming: save_last=True on the val/acc checkpoint would only
     # refresh it in the epochs that improve val/acc.
     last = ModelCheckpoint(filename="last", enable_version_counter=False)
+    timer = EpochTimer()
     default_config = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else []
     try:
         cli = MNISTCLI(
@@ -137,11 +147,8 @@ def cli_main(args: list[str] | None = None) -> dict:
         )
     except ArgumentError as err:
         raise usage_error(err) from None
-    except MisconfigurationException as err:  # e.g. --trainer.accelerator gpu on a machine without one
-        message = " ".join(str(err).split())  # Lightning's messages can span lines
-        if re.search(r"accelerator|device|strateg|backend|gpu|cuda|mps|tpu", message, re.IGNORECASE):
-            message += " (check --trainer.accelerator, --trainer.devices, --trainer.strategy)"
-        raise UserError(message) from None
+    except MisconfigurationException as err:  # from a callback's constructor: --checkpoint.mode, say
+        raise config_error(err) from err
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     if trainer.logger:
         # Fix the version folder here, or under ddp_spawn the fit's and the test's spawned
