@@ -2,11 +2,11 @@
 # The GPU check, one script for one GPU, under 5 minutes: (b) and (c) at batch 64, 128 and 1024, eager;
 # (b) and (c) through torch.compile; a bf16-mixed fit; both through compile's reduce-overhead mode.
 #   bash benchmarks/gpu_check.sh [DATA_DIR]           (default ../shared/datasets)
-# The stages share one budget (BUDGET seconds from the first stage's start, default 290) and each has
-# its own limit too (STAGE_TIMEOUT, default 150; the eager stage needed about 120 s on an H200 VM), so
-# the script ends within the budget, a slow stage cannot starve the others past its limit, and the
-# rows printed before a cut stand. The required stages come first. Exit status 1 if any stage failed,
-# ran past its limit or got no time.
+# The stages share one budget (BUDGET whole seconds from the first stage's start, default 290) and each
+# has its own limit too (STAGE_TIMEOUT, default 150; the eager stage needed about 120 s on an H200 VM), so
+# the script ends within the budget (plus the torch check before it), a slow stage cannot starve the
+# others past its limit, and the rows printed before a cut stand. The required stages come first.
+# Exit status 1 if any stage failed, was cut or got no time.
 # DEVICE=cpu EPOCHS=1 FIT_ARGS='--data.val_size 100' run the same path on a CPU (the tests do).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -16,6 +16,9 @@ epochs="${EPOCHS:-5}"
 fit_args="${FIT_ARGS:-}"
 limit="${STAGE_TIMEOUT:-150}"
 budget="${BUDGET:-290}"
+for value in "$limit" "$budget"; do
+    [[ $value =~ ^[1-9][0-9]*$ ]] || { echo "BUDGET and STAGE_TIMEOUT must be whole seconds, got '$value'" >&2; exit 2; }
+done
 failed=0
 
 python - <<'PY' || exit 2
@@ -23,19 +26,26 @@ import torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"torch {torch.__version__}, {gpu}", flush=True)
 PY
-deadline=$(($(date +%s) + budget))
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+deadline=$(($(now_ms) + budget * 1000))
 
 stage() {  # stage TITLE COMMAND...: run one stage within its limit and what is left of the budget
     echo "## $1"
     shift
-    local left=$((deadline - $(date +%s)))
+    local left=$((deadline - $(now_ms))) why
     if ((left <= 0)); then
         echo "stage skipped: the ${budget}s budget is spent"
         failed=1
         return
     fi
-    local secs=$((left < limit ? left : limit))
-    timeout "$secs" "$@" || { echo "stage failed or ran past ${secs}s (exit $?)"; failed=1; }
+    # -k: a stage deaf to SIGTERM is killed 5 s later.
+    if ((left < limit * 1000)); then
+        why="was cut at the ${budget}s budget"
+        timeout -k 5 "$((left / 1000)).$(printf %03d $((left % 1000)))" "$@"
+    else
+        why="ran past its ${limit}s limit"
+        timeout -k 5 "$limit" "$@"
+    fi || { echo "stage failed or $why (exit $?)"; failed=1; }
 }
 
 speed=(python "$here/speed.py" "$data_dir" --device "$device" --epochs "$epochs" --no-tutorial --default-only)

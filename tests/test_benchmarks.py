@@ -40,7 +40,7 @@ def test_gpu_check_reports_a_stage_past_its_limit_and_goes_on(data_dir, tmp_path
     proc = gpu_check(data_dir, tmp_path, STAGE_TIMEOUT="1")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stdout.count("## ") == 4
-    assert proc.stdout.count("stage failed or ran past 1s (exit 124)") == 4
+    assert proc.stdout.count("stage failed or ran past its 1s limit (exit 124)") == 4
 
 
 @pytest.mark.slow
@@ -49,7 +49,15 @@ def test_gpu_check_ends_within_its_budget(data_dir, tmp_path):
     proc = gpu_check(data_dir, tmp_path, BUDGET="1")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     outcomes = [part.strip().splitlines()[-1] for part in proc.stdout.split("## ")[1:]]
-    assert outcomes == ["stage failed or ran past 1s (exit 124)"] + ["stage skipped: the 1s budget is spent"] * 3
+    cut, skipped = "stage failed or was cut at the 1s budget (exit 124)", "stage skipped: the 1s budget is spent"
+    assert outcomes == [cut] + [skipped] * 3
+
+
+@pytest.mark.parametrize("setting", [{"BUDGET": "5m"}, {"STAGE_TIMEOUT": "1.5"}, {"STAGE_TIMEOUT": "0"}])
+def test_gpu_check_refuses_a_limit_that_is_not_whole_seconds(data_dir, tmp_path, setting):
+    proc = gpu_check(data_dir, tmp_path, **setting)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"BUDGET and STAGE_TIMEOUT must be whole seconds, got '{next(iter(setting.values()))}'\n"
 
 
 @pytest.mark.slow
