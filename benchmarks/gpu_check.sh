@@ -2,11 +2,11 @@
 # The GPU check, one script for one GPU, under 5 minutes: (b) and (c) at batch 64, 128 and 1024, eager;
 # (b) and (c) through torch.compile; a bf16-mixed fit; both through compile's reduce-overhead mode.
 #   bash benchmarks/gpu_check.sh [DATA_DIR]           (default ../shared/datasets)
-# The stages share one budget (BUDGET whole seconds from the first stage's start, default 290) and each
-# has its own limit too (STAGE_TIMEOUT, default 150; the eager stage needed about 120 s on an H200 VM), so
-# the script ends within the budget (plus the torch check before it), a slow stage cannot starve the
-# others past its limit, and the rows printed before a cut stand. The required stages come first.
-# Exit status 1 if any stage failed, was cut or got no time.
+# The run has one budget (BUDGET whole seconds from the start, default 290) and each stage its own limit
+# too (STAGE_TIMEOUT, default 150; the eager stage needed about 120 s on an H200 VM), so the script ends
+# within the budget, a slow stage cannot starve the others past its limit, and the rows printed before
+# a cut stand. The required stages come first. Exit status 1 if any stage failed, was cut or got no
+# time; 2 if torch could not be imported within the budget.
 # DEVICE=cpu EPOCHS=1 FIT_ARGS='--data.val_size 100' run the same path on a CPU (the tests do).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -20,14 +20,14 @@ for value in "$limit" "$budget"; do
     [[ $value =~ ^[1-9][0-9]*$ ]] || { echo "BUDGET and STAGE_TIMEOUT must be whole seconds, got '$value'" >&2; exit 2; }
 done
 failed=0
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+deadline=$(($(now_ms) + budget * 1000))
 
-python - <<'PY' || exit 2
+timeout -k 5 "$budget" python - <<'PY' || { (($? == 124)) && echo "the ${budget}s budget ran out importing torch" >&2; exit 2; }
 import torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"torch {torch.__version__}, {gpu}", flush=True)
 PY
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
-deadline=$(($(now_ms) + budget * 1000))
 
 stage() {  # stage TITLE COMMAND...: run one stage within its limit and what is left of the budget
     echo "## $1"
