@@ -116,6 +116,7 @@ def main() -> None:
         help="torch.compile the network in (b) and (c), in this mode (default: default)",
     )
     parser.add_argument("--default-only", action="store_true", help="(c) with default.yaml only, at each batch size")
+    parser.add_argument("--no-plain", action="store_true", help="skip (b), measured elsewhere in the same session")
     parser.add_argument(
         "--fit-args",
         type=shlex.split,
@@ -140,7 +141,10 @@ def main() -> None:
         variants = {}
         if not args.no_tutorial and args.device == "cpu":
             variants["(a) tutorial"] = partial(baseline, "tutorial", data_dir, bs, epochs, args.device)
-        variants["(b) in-memory loop"] = partial(baseline, "in_memory", data_dir, bs, epochs, args.device, args.compile)
+        if not args.no_plain:
+            variants["(b) in-memory loop"] = partial(
+                baseline, "in_memory", data_dir, bs, epochs, args.device, args.compile
+            )
         variants["(c) fit default.yaml"] = partial(lightning_fit, data_dir, bs, epochs, args.device, *fit_args)
         if not args.default_only:
             seed = ["--config", str(configs / "seed.yaml"), *fit_args]

@@ -30,8 +30,9 @@ def test_gpu_check_runs_its_cpu_path(data_dir, tmp_path):
     name = {title: title.split(",")[0].split(" (")[0] for title in stages}  # "eager", "bf16-mixed", ...
     rows = {name[title]: text.count("| (c) fit default.yaml, batch") for title, text in stages.items()}
     assert rows == {"eager": 3, "bf16-mixed": 1, "torch.compile": 2, "torch.compile reduce-overhead": 1}
-    for title, text in stages.items():
-        assert text.count("| (b) in-memory loop, batch") == text.count("| (c) fit"), title
+    for title, text in stages.items():  # the bf16-mixed fit goes against the eager stage's (b)
+        plain = text.count("| (b) in-memory loop, batch")
+        assert plain == text.count("| (c) fit") * (name[title] != "bf16-mixed"), title
 
 
 @pytest.mark.slow
