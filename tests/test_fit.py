@@ -183,6 +183,10 @@ def test_fit_writes_events_checkpoints_metrics_and_resumes(data_dir, tmp_path):
     # Output is a pipe here, so epochs arrive as plain lines, not a progress bar.
     assert "epoch 2/2" in proc.stdout and "\r" not in proc.stdout + proc.stderr
     assert "test/acc" in proc.stdout
+    # Lightning's noise that says nothing about this run: an advert, a deprecation inside Lightning,
+    # and a warning about the two checkpoint callbacks, whose first is the val/acc one by construction.
+    for noise in ("Tip:", "LeafSpec", "multiple `ModelCheckpoint`"):
+        assert noise not in proc.stdout + proc.stderr, noise
 
     tags = scalars(version)
     for tag in (

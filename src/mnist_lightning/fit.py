@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,12 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # main() hands over sys.argv less --verbose, which Lightning would flag as args given twice.
 warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended to run from within Python.*")
+# test(ckpt_path="best") takes the first ModelCheckpoint's best, and the val/acc one is first by construction.
+warnings.filterwarnings("ignore", ".*configured with multiple `ModelCheckpoint` callbacks.*")
+# Lightning 2.6's own pytree helper builds torch's LeafSpec, deprecated in newer torch: nothing to act on here.
+warnings.filterwarnings("ignore", r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
+# Lightning advertises its cloud logger on every fit; this project logs to TensorBoard.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not str(r.msg).startswith("💡 Tip"))
 
 
 def config_error(err: Exception) -> UserError:
