@@ -35,7 +35,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # main() hands over sys.argv less --verbose, which Lightning would flag as args given twice.
 warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended to run from within Python.*")
-# test(ckpt_path="best") takes the first ModelCheckpoint's best, and the val/acc one is first by construction.
+# test(ckpt_path="best") takes the first ModelCheckpoint's best: LightningCLI puts --checkpoint's (val/acc)
+# before our last.ckpt one. A ModelCheckpoint in --trainer.callbacks would come first, and be the one used.
 warnings.filterwarnings("ignore", ".*configured with multiple `ModelCheckpoint` callbacks.*")
 # Lightning 2.6's own pytree helper builds torch's LeafSpec, deprecated in newer torch: nothing to act on here.
 warnings.filterwarnings("ignore", r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
