@@ -5,8 +5,8 @@
 # The run has one budget (BUDGET whole seconds from the start, default 290) and each stage its own limit
 # too (STAGE_TIMEOUT, default 150; the eager stage needed about 120 s on an H200 VM), so the script ends
 # within the budget, a slow stage cannot starve the others past its limit, and the rows printed before
-# a cut stand. The required stages come first. Exit status 1 if any stage failed, was cut or got no
-# time; 2 if torch could not be imported within the budget.
+# a cut stand. The required stages come first. Ctrl-C stops the whole script (exit 130). Exit status 1
+# if any stage failed, was cut or got no time; 2 for bad settings or if torch is not importable in time.
 # DEVICE=cpu EPOCHS=1 FIT_ARGS='--data.val_size 100' run the same path on a CPU (the tests do).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -23,11 +23,24 @@ failed=0
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 deadline=$(($(now_ms) + budget * 1000))
 
-timeout -k 5 "$budget" python - <<'PY' || { (($? == 124)) && echo "the ${budget}s budget ran out importing torch" >&2; exit 2; }
-import torch
-gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-print(f"torch {torch.__version__}, {gpu}", flush=True)
-PY
+limited() {  # limited SECONDS COMMAND...: timeout, but Ctrl-C stops the command and the script
+    # timeout runs the command in a process group of its own, out of reach of the terminal's Ctrl-C;
+    # bash would wait out the limit and go on. -k: a command deaf to SIGTERM is killed 5 s later.
+    timeout -k 5 "$@" &
+    local pid=$!
+    trap 'kill -TERM "$pid" 2>/dev/null; wait "$pid"; echo "interrupted" >&2; exit 130' INT
+    wait "$pid"
+    local status=$?
+    trap - INT
+    return "$status"
+}
+
+check='import torch; print(f"torch {torch.__version__},", torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")'
+limited "$budget" python -c "$check" || {
+    status=$?
+    ((status == 124 || status == 137)) && echo "the ${budget}s budget ran out importing torch" >&2
+    exit 2
+}
 
 stage() {  # stage TITLE COMMAND...: run one stage within its limit and what is left of the budget
     echo "## $1"
@@ -38,13 +51,12 @@ stage() {  # stage TITLE COMMAND...: run one stage within its limit and what is 
         failed=1
         return
     fi
-    # -k: a stage deaf to SIGTERM is killed 5 s later.
     if ((left < limit * 1000)); then
         why="was cut at the ${budget}s budget"
-        timeout -k 5 "$((left / 1000)).$(printf %03d $((left % 1000)))" "$@"
+        limited "$((left / 1000)).$(printf %03d $((left % 1000)))" "$@"
     else
         why="ran past its ${limit}s limit"
-        timeout -k 5 "$limit" "$@"
+        limited "$limit" "$@"
     fi || { echo "stage failed or $why (exit $?)"; failed=1; }
 }
 

@@ -1,7 +1,9 @@
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,11 +49,61 @@ def test_gpu_check_reports_a_stage_past_its_limit_and_goes_on(data_dir, tmp_path
 @pytest.mark.slow
 def test_gpu_check_ends_within_its_budget(data_dir, tmp_path):
     """Once the budget is spent the stages left are skipped, each saying so, not run past it."""
-    proc = gpu_check(data_dir, tmp_path, BUDGET="5")  # the first stage alone needs more (about 20 s)
+    # Importing torch takes 1-2 s here, and the first stage alone about 20 s.
+    proc = gpu_check(data_dir, tmp_path, BUDGET="10", FIT_ARGS="--data.val_size 100")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     outcomes = [part.strip().splitlines()[-1] for part in proc.stdout.split("## ")[1:]]
-    cut, skipped = "stage failed or was cut at the 5s budget (exit 124)", "stage skipped: the 5s budget is spent"
+    cut, skipped = "stage failed or was cut at the 10s budget (exit 124)", "stage skipped: the 10s budget is spent"
     assert outcomes == [cut] + [skipped] * 3
+
+
+def test_gpu_check_stops_when_importing_torch_outlasts_the_budget(data_dir, tmp_path):
+    stub = tmp_path / "bin" / "python"  # a python that hangs
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nsleep 30\n")
+    stub.chmod(0o755)
+    proc = gpu_check(data_dir, tmp_path, BUDGET="1", PATH=f"{stub.parent}{os.pathsep}{os.environ['PATH']}")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "the 1s budget ran out importing torch\n")
+
+
+def processes_in(folder: Path) -> list[str]:
+    """The processes whose working directory is folder (Linux /proc)."""
+    found = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if cwd.resolve() == folder.resolve():
+                found.append(cwd.parent.name)
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_gpu_check_and_its_stage(data_dir, tmp_path):
+    """timeout puts a stage in a process group of its own, away from a terminal's Ctrl-C, which reaches
+    only bash: the script must stop the stage itself and exit, not wait out the limit and go on."""
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(data_dir)],
+        cwd=tmp_path,
+        env={**os.environ, "DEVICE": "cpu", "EPOCHS": "1", "FIT_ARGS": "--data.val_size 100"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # As from a shell, whatever the test runner was started with: SIGINT not ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert proc.stdout.readline().startswith("torch ") and proc.stdout.readline() == "## eager\n"
+    time.sleep(2)  # the stage is under way: speed.py and its first variant
+    assert len(processes_in(tmp_path)) >= 3  # bash, timeout, speed.py, ...
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends to bash, outside the stage's group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, out + err
+    assert time.monotonic() - start < 10 and "## torch.compile" not in out
+    deadline = time.monotonic() + 10
+    while processes_in(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_in(tmp_path) == []
 
 
 @pytest.mark.parametrize("setting", [{"BUDGET": "5m"}, {"STAGE_TIMEOUT": "1.5"}, {"STAGE_TIMEOUT": "0"}])
