@@ -10,6 +10,7 @@ Both return test accuracy, training-loop seconds, optimizer steps and training s
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -74,11 +75,12 @@ def in_memory(
     device: str = "cpu",
     train_size: int = 55_000,
     compile: str | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> dict:
     """``train_size`` defaults to the size of the fit's training split, so that both see the same samples.
 
     ``compile`` is a torch.compile mode; compiled, the first epoch (which compiles) is left out and the others
-    scaled to ``epochs``.
+    scaled to ``epochs``. ``on_step`` is called before every step (step_profile.py's windows).
     """
     torch.manual_seed(seed)
     x, y, xt, yt = (
@@ -97,6 +99,8 @@ def in_memory(
         start = time.perf_counter()
         order = torch.randperm(len(y), device=device)
         for i in range(0, len(y), batch_size):
+            if on_step:
+                on_step()
             idx = order[i : i + batch_size]
             optimizer.zero_grad()
             F.cross_entropy(net(x[idx]), y[idx]).backward()

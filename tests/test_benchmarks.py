@@ -148,3 +148,39 @@ def test_overhead_prints_the_plain_loop_and_three_trainers(tmp_path):
         "Trainer, logger + checkpoint + summary",
     ]
     assert all(float(us) > 0 for _, us in rows)
+
+
+def step_profile(data_dir, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), str(data_dir), "--batch-size", "8", *args]
+        + ["--fit-args", "--data.val_size 100"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_step_profile_counts_the_ops_each_step_adds(data_dir, tmp_path):
+    proc = step_profile(data_dir, tmp_path, "--steps", "20")
+    assert proc.returncode == 0, proc.stderr
+    rows = {
+        k: tuple(map(float, re.findall(r"\d+\.\d+", line)))
+        for k, line in re.findall(r"^\| (host ms/step \(timed\)|ops/step) \|(.*)$", proc.stdout, re.M)
+    }
+    assert set(rows) == {"host ms/step (timed)", "ops/step"}
+    b_ops, c_ops, diff = rows["ops/step"]
+    assert 0 < b_ops < c_ops and diff == pytest.approx(c_ops - b_ops, abs=1e-3)
+    assert all(t > 0 for t in rows["host ms/step (timed)"][:2])
+    # The epoch metrics' update is in (c) alone: an argmax and a comparison per step.
+    extra = re.search(r"^ops per step, \(c\) minus \(b\): (.*)$", proc.stdout, re.M).group(1)
+    assert "aten::argmax +1.00" in extra and "aten::eq +1.00" in extra
+    assert not list(tmp_path.iterdir())  # the fit's run folder went to a scratch folder
+
+
+@pytest.mark.slow
+def test_step_profile_refuses_windows_longer_than_an_epoch(data_dir, tmp_path):
+    proc = step_profile(data_dir, tmp_path, "--steps", "500")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "the epoch ended at step 125, before step 801: use fewer --steps"

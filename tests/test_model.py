@@ -23,6 +23,8 @@ def test_smoothed_loss_matches_torchs_label_smoothing_in_value_and_gradient():
             # Equal to rounding: the two sum the same terms in another order.
             torch.testing.assert_close(loss, expected, rtol=tolerance, atol=0)
             torch.testing.assert_close(ours.grad, theirs.grad, rtol=10 * tolerance, atol=tolerance / 100)
+    # An empty batch (a DDP rank's share of a tiny set) adds nothing, where torch's mean would be NaN.
+    assert SmoothedCrossEntropy(0.1)(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long)).item() == 0
     model = MNISTClassifier(label_smoothing=0.1)
     # No buffer: nothing for DDP to broadcast each step, and checkpoints hold the network as before.
     assert isinstance(model.loss, SmoothedCrossEntropy) and not list(model.loss.buffers())
