@@ -45,7 +45,9 @@ limited "$budget" python -c "$check" || {
 stage() {  # stage TITLE COMMAND...: run one stage within its limit and what is left of the budget
     echo "## $1"
     shift
-    local left=$((deadline - $(now_ms))) why
+    local start left why
+    start=$(now_ms)
+    left=$((deadline - start))
     if ((left <= 0)); then
         echo "stage skipped: the ${budget}s budget is spent"
         failed=1
@@ -58,6 +60,8 @@ stage() {  # stage TITLE COMMAND...: run one stage within its limit and what is 
         why="ran past its ${limit}s limit"
         limited "$limit" "$@"
     fi || { echo "stage failed or $why (exit $?)"; failed=1; }
+    # For sizing BUDGET and STAGE_TIMEOUT on the next machine.
+    echo "stage took $((($(now_ms) - start) / 1000)) s; $(((deadline - $(now_ms)) / 1000)) s of the budget left"
 }
 
 speed=(python "$here/speed.py" "$data_dir" --device "$device" --epochs "$epochs" --no-tutorial --default-only)

@@ -35,6 +35,9 @@ def test_gpu_check_runs_its_cpu_path(data_dir, tmp_path):
     for title, text in stages.items():  # the bf16-mixed fit goes against the eager stage's (b)
         plain = text.count("| (b) in-memory loop, batch")
         assert plain == text.count("| (c) fit") * (name[title] != "bf16-mixed"), title
+    # Each stage says how long it took and how much of the budget is left, for sizing the next run.
+    left = [int(n) for n in re.findall(r"^stage took \d+ s; (\d+) s of the budget left$", proc.stdout, re.M)]
+    assert len(left) == 4 and left == sorted(left, reverse=True) and left[0] < 290
 
 
 @pytest.mark.slow
@@ -52,9 +55,12 @@ def test_gpu_check_ends_within_its_budget(data_dir, tmp_path):
     # Importing torch takes 1-2 s here, and the first stage alone about 20 s.
     proc = gpu_check(data_dir, tmp_path, BUDGET="10", FIT_ARGS="--data.val_size 100")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    outcomes = [part.strip().splitlines()[-1] for part in proc.stdout.split("## ")[1:]]
+    outcomes = [
+        [line for line in part.splitlines() if line.startswith("stage ")] for part in proc.stdout.split("## ")[1:]
+    ]
     cut, skipped = "stage failed or was cut at the 10s budget (exit 124)", "stage skipped: the 10s budget is spent"
-    assert outcomes == [cut] + [skipped] * 3
+    assert outcomes[1:] == [[skipped]] * 3 and outcomes[0][0] == cut
+    assert re.fullmatch(r"stage took \d+ s; -?\d+ s of the budget left", outcomes[0][1])
 
 
 def test_gpu_check_stops_when_importing_torch_outlasts_the_budget(data_dir, tmp_path):
