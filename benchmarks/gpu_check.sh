@@ -3,7 +3,7 @@
 # (b) and (c) through torch.compile; a bf16-mixed fit; both through compile's reduce-overhead mode.
 #   bash benchmarks/gpu_check.sh [DATA_DIR]           (default ../shared/datasets)
 # The run has one budget (BUDGET whole seconds from the start, default 290) and each stage its own limit
-# too (STAGE_TIMEOUT, default 150; the eager stage needed about 120 s on an H200 VM), so the script ends
+# too (STAGE_TIMEOUT, default 150; the eager stage's processes took 86 s on an H200 VM), so the script ends
 # within the budget, a slow stage cannot starve the others past its limit, and the rows printed before
 # a cut stand. The required stages come first. Ctrl-C stops the whole script (exit 130). Exit status 1
 # if any stage failed, was cut or got no time; 2 for bad settings or if torch is not importable in time.
@@ -61,7 +61,8 @@ stage() {  # stage TITLE COMMAND...: run one stage within its limit and what is 
         limited "$limit" "$@"
     fi || { echo "stage failed or $why (exit $?)"; failed=1; }
     # For sizing BUDGET and STAGE_TIMEOUT on the next machine.
-    echo "stage took $((($(now_ms) - start) / 1000)) s; $(((deadline - $(now_ms)) / 1000)) s of the budget left"
+    left=$(((deadline - $(now_ms)) / 1000))
+    echo "stage took $((($(now_ms) - start) / 1000)) s; $((left > 0 ? left : 0)) s of the budget left"
 }
 
 speed=(python "$here/speed.py" "$data_dir" --device "$device" --epochs "$epochs" --no-tutorial --default-only)

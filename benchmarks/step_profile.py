@@ -2,7 +2,7 @@
 
 Runs (b), the plain in-memory loop, then (c), the fit with default.yaml (validation off), in one process,
 and over a window of training steps of each counts with torch.profiler: the ops dispatched and, on CUDA,
-the kernels launched, the waits for the GPU and the GPU's busy time, per step. The host time per step is
+the kernels launched, the waits for the GPU inside ops and the GPU's busy time, per step. The host time per step is
 timed over an earlier window, without the profiler. On CUDA a last window runs under
 ``torch.cuda.set_sync_debug_mode`` and lists the Python lines that made the host wait for the GPU.
 Timers cannot split an asynchronous GPU step the way step_breakdown.py splits a CPU one; counts can.
@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from baselines import in_memory  # noqa: E402
 
-LAUNCHES = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"}
+LAUNCHES = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch"}
 WAITS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
 
 
@@ -68,7 +68,8 @@ class Windows:
             self.watching.close()
             for w in self.caught:
                 if "synchroniz" in str(w.message):
-                    self.syncs[f"{Path(w.filename).name}:{w.lineno}"] += 1
+                    where = w.filename.split("site-packages/")[-1]  # torch/cuda/__init__.py, not __init__.py
+                    self.syncs[f"{where}:{w.lineno}"] += 1
             self.watched_steps = watched_end - profiled_end
         self.step += 1
 
@@ -98,7 +99,10 @@ class Windows:
             "host ms/step (timed)": self.ms_per_step,
             "ops/step": sum(ops.values()) / n,
             "kernel launches/step": sum(e.name in LAUNCHES for e in events) / n if self.cuda else None,
-            "waits for the GPU/step": sum(e.name in WAITS for e in events) / n if self.cuda else None,
+            # Inside an op or range only: leaving the profiler synchronises too, at the top level.
+            "waits for the GPU in ops/step": sum(e.name in WAITS and e.cpu_parent is not None for e in events) / n
+            if self.cuda
+            else None,
             "GPU busy ms/step": sum(kernels.values()) if self.cuda else None,
             "per op": {name: count / n for name, count in ops.items()},
         }
@@ -137,12 +141,18 @@ def fit(data_dir: str, device: str, batch_size: int, windows: Windows, fit_args:
     return windows.counts()
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of steps, 1 or more, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", help="folder holding MNIST/raw/")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=128, help="default.yaml's")
-    parser.add_argument("--steps", type=int, default=200, help="steps timed; a fifth as many warm up, and profile")
+    parser.add_argument("--steps", type=positive, default=200, help="steps timed; a fifth as many warm up, and profile")
     parser.add_argument("--fit-args", type=shlex.split, default=[], help="extra options for (c)")
     args = parser.parse_args()
     data_dir = str(Path(args.data_dir).resolve())
