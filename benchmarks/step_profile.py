@@ -2,8 +2,8 @@
 
 Runs (b), the plain in-memory loop, then (c), the fit with default.yaml (validation off), in one process,
 and over a window of training steps of each counts with torch.profiler: the ops dispatched and, on CUDA,
-the kernels launched, the waits for the GPU inside ops and the GPU's busy time, per step. The host time per step is
-timed over an earlier window, without the profiler. On CUDA a last window runs under
+the kernels launched, the waits for the GPU inside ops and the GPU's busy time, per step. The host time
+per step is timed over an earlier window, without the profiler. On CUDA a last window runs under
 ``torch.cuda.set_sync_debug_mode`` and lists the Python lines that made the host wait for the GPU.
 Timers cannot split an asynchronous GPU step the way step_breakdown.py splits a CPU one; counts can.
 """
@@ -59,9 +59,8 @@ class Windows:
             self.prof.__exit__(None, None, None)
             self.profiled_steps = profiled_end - timed_end
             if self.cuda:
-                caught = self.watching.enter_context(warnings.catch_warnings(record=True))
+                self.caught = self.watching.enter_context(warnings.catch_warnings(record=True))
                 warnings.simplefilter("always")
-                self.caught = caught
                 torch.cuda.set_sync_debug_mode("warn")
         elif self.step == watched_end and self.cuda:
             torch.cuda.set_sync_debug_mode("default")
@@ -173,7 +172,6 @@ def main() -> None:
     for name, w in windows.items():
         if w.cuda:
             print(f"{name}: GPU ms/step by kernel:", ", ".join(f"{k} {ms:.3f}" for k, ms in w.top_kernels))
-        if w.cuda:
             lines = ", ".join(f"{where} x{count}" for where, count in w.syncs.most_common()) or "none"
             print(f"{name}: {sum(w.syncs.values())} syncs in {w.watched_steps} steps under sync debug mode: {lines}")
 
