@@ -74,6 +74,7 @@ def lightning_fit(data_dir: str, batch_size: int | None, epochs: int, device: st
         "test_acc": metrics["test/acc"],
         # The run's own resolved config says whether it compiled.
         "train_s": loop_seconds(metrics["epoch_seconds"], metrics["config"]["model"]["compile"]),
+        "epoch_s": metrics["epoch_seconds"],
     }
 
 
@@ -137,6 +138,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     configs = HERE.parent / "configs"
+    epochs_shown = []  # (row name, each epoch's seconds), printed under the table
     for bs in args.batch_sizes:
         variants = {}
         if not args.no_tutorial and args.device == "cpu":
@@ -163,6 +165,13 @@ def main() -> None:
                 print(row(f"{name}, batch {bs}", result, {}))
             else:
                 print(row(f"(c) fit {name} as shipped", result, {k: v for k, v in ref.items() if k == "a"}))
+            if "epoch_s" in result:  # (a) has none
+                epochs_shown.append((f"{name}, batch {bs}" if name.startswith("(") else name, result["epoch_s"]))
+    # Where a loop's time goes: the first epoch's start-up (on a GPU, kernels loaded on first use), or
+    # the same in every epoch; (c)'s epochs include their validation and checkpoint.
+    print("\nseconds per epoch, the runs above:")
+    for name, seconds in epochs_shown:
+        print(f"  {name}: " + " ".join(f"{s:.3f}" for s in seconds))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Timers wrap the network's forward, ``Tensor.backward`` and the fused Adam kernel, in-process, so the
 arithmetic can be told apart from everything around it (a sampling profiler misattributes it here).
 (c) runs without validation, so that both sides do the same work per step. One run per side and call.
+On CUDA the timers measure the host issuing the work, which is what sets a small network's pace there.
 """
 
 import argparse
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("data_dir", help="folder holding MNIST/raw/")
     parser.add_argument("which", choices=["b", "c"], help="(b) the plain loop or (c) the fit, seed.yaml")
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64, help="seed.yaml's")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[], help="extra options for (c)")
     args = parser.parse_args()
     nn.Sequential.forward = timed("forward", nn.Sequential.forward, training_only=True)  # the MLP, in both
@@ -46,13 +49,15 @@ def main() -> None:
         sys.path.insert(0, str(HERE))
         from baselines import in_memory
 
-        result = in_memory(args.data_dir, epochs=args.epochs)
+        result = in_memory(args.data_dir, epochs=args.epochs, batch_size=args.batch_size, device=args.device)
         steps, loop = result["steps"], result["train_s"]
     else:
         from mnist_lightning.fit import cli_main
 
         config = str(HERE.parent / "configs" / "seed.yaml")
-        options = ["--trainer.max_epochs", str(args.epochs), "--trainer.limit_val_batches", "0", *args.fit_args]
+        options = ["--trainer.max_epochs", str(args.epochs), "--trainer.limit_val_batches", "0"]
+        options += ["--data.batch_size", str(args.batch_size)]
+        options += ["--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu", *args.fit_args]
         metrics = cli_main(["--config", config, "--data.data_dir", args.data_dir, *options])
         steps, loop = metrics["global_step"], sum(metrics["epoch_seconds"])
     timed_ms = {name: 1000 * s / steps for name, s in seconds.items()}

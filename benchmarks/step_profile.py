@@ -1,22 +1,25 @@
 """One training step, (b) against (c), counted: ``python benchmarks/step_profile.py DATA_DIR [--device cuda]``.
 
-Runs (b), the plain in-memory loop, then (c), the fit with default.yaml (validation off), in one process,
-and over a window of training steps of each counts with torch.profiler: the ops dispatched and, on CUDA,
-the kernels launched, the waits for the GPU inside ops and the GPU's busy time, per step. The host time
-per step is timed over an earlier window, without the profiler. On CUDA a last window runs under
-``torch.cuda.set_sync_debug_mode`` and lists the Python lines that made the host wait for the GPU.
+Runs (b), the plain in-memory loop, and (c), the fit with default.yaml (validation off), in one process,
+each twice, for one epoch cut short. The first passes time a window of training steps on the host, with
+no profiler yet; the second passes count, over a window of each, with torch.profiler: the ops dispatched
+and, on CUDA, the kernels launched, the waits for the GPU inside ops and the GPU's busy time, per step.
+On CUDA a last window runs under ``torch.cuda.set_sync_debug_mode`` and lists the Python lines that made
+the host wait for the GPU. One small op's host time, before and after the profiling, prices an op.
 Timers cannot split an asynchronous GPU step the way step_breakdown.py splits a CPU one; counts can.
 """
 
 import argparse
 import collections
 import contextlib
+import linecache
 import os
 import shlex
 import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,13 +34,22 @@ WAITS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize
 
 
 class Windows:
-    """Called at the start of every training step: warm up, time, profile, then (CUDA) watch for syncs."""
+    """Called at the start of every training step. A timing pass warms up, then times ``steps`` steps; a
+    counting pass warms up, profiles, then (CUDA) watches for syncs.
 
-    def __init__(self, steps: int, device: str):
+    Both sides' timing passes run before any counting pass, so that no profiler has run in the process
+    when a window is timed: on an H100, (c)'s window timed after (b)'s profiled one came out 1.5x its
+    whole fit's time per step (cause not found; kineto can leave CUPTI attached after profiling).
+    """
+
+    def __init__(self, steps: int, device: str, timing: bool):
         warm = profiled = max(steps // 5, 5)
-        self.marks = [warm, warm + steps, warm + steps + profiled, warm + steps + 2 * profiled]
-        self.cuda = device == "cuda"
+        self.timing, self.cuda = timing, device == "cuda"
+        # The counting pass starts where the timing pass ended, so that both see the same point of the run.
+        timed_end = warm + steps
+        self.marks = [warm, timed_end] if timing else [timed_end, timed_end + profiled, timed_end + 2 * profiled]
         self.step, self.ms_per_step, self.prof, self.syncs = 0, None, None, collections.Counter()
+        self.sync_lines = {}
         self.watching = contextlib.ExitStack()
 
     @property
@@ -45,19 +57,27 @@ class Windows:
         return self.marks[-1] + 1
 
     def tick(self) -> None:
-        start, timed_end, profiled_end, watched_end = self.marks
-        if self.step in (start, timed_end) and self.cuda:
+        (self._time if self.timing else self._count)()
+        self.step += 1
+
+    def _time(self) -> None:
+        start, end = self.marks
+        if self.step in self.marks and self.cuda:
             torch.cuda.synchronize()
         if self.step == start:
             self.start = time.perf_counter()
-        elif self.step == timed_end:
-            self.ms_per_step = 1000 * (time.perf_counter() - self.start) / (timed_end - start)
+        elif self.step == end:
+            self.ms_per_step = 1000 * (time.perf_counter() - self.start) / (end - start)
+
+    def _count(self) -> None:
+        start, profiled_end, watched_end = self.marks
+        if self.step == start:
             activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * self.cuda
             self.prof = profile(activities=activities)
             self.prof.__enter__()
         elif self.step == profiled_end:
             self.prof.__exit__(None, None, None)
-            self.profiled_steps = profiled_end - timed_end
+            self.profiled_steps = profiled_end - start
             if self.cuda:
                 self.caught = self.watching.enter_context(warnings.catch_warnings(record=True))
                 warnings.simplefilter("always")
@@ -69,13 +89,16 @@ class Windows:
                 if "synchroniz" in str(w.message):
                     where = w.filename.split("site-packages/")[-1]  # torch/cuda/__init__.py, not __init__.py
                     self.syncs[f"{where}:{w.lineno}"] += 1
+                    self.sync_lines[f"{where}:{w.lineno}"] = linecache.getline(w.filename, w.lineno).strip()
             self.watched_steps = watched_end - profiled_end
-        self.step += 1
 
-    def counts(self) -> dict:
-        """Per step: host ms, ops, kernel launches, waits, GPU busy ms; and each op's count."""
+    def finished(self) -> "Windows":
         if self.step < self.total:
             raise SystemExit(f"the epoch ended at step {self.step}, before step {self.total}: use fewer --steps")
+        return self
+
+    def counts(self) -> dict:
+        """Per step: ops, kernel launches, waits, GPU busy ms; and each op's count."""
         events = self.prof.events()
         ops = collections.Counter()
         for e in events:
@@ -95,7 +118,6 @@ class Windows:
                 kernels[e.name[:60]] += e.device_time / 1000 / self.profiled_steps
         self.top_kernels = kernels.most_common(6)
         return {
-            "host ms/step (timed)": self.ms_per_step,
             "ops/step": sum(ops.values()) / n,
             "kernel launches/step": sum(e.name in LAUNCHES for e in events) / n if self.cuda else None,
             # Inside an op or range only: leaving the profiler synchronises too, at the top level.
@@ -107,12 +129,12 @@ class Windows:
         }
 
 
-def plain(data_dir: str, device: str, batch_size: int, windows: Windows) -> dict:
+def plain(data_dir: str, device: str, batch_size: int, windows: Windows) -> Windows:
     in_memory(data_dir, epochs=1, batch_size=batch_size, device=device, on_step=windows.tick)
-    return windows.counts()
+    return windows.finished()
 
 
-def fit(data_dir: str, device: str, batch_size: int, windows: Windows, fit_args: list[str]) -> dict:
+def fit(data_dir: str, device: str, batch_size: int, windows: Windows, fit_args: list[str]) -> Windows:
     from mnist_lightning.fit import cli_main
     from mnist_lightning.model import MNISTClassifier
 
@@ -137,7 +159,23 @@ def fit(data_dir: str, device: str, batch_size: int, windows: Windows, fit_args:
             )
         finally:
             os.chdir(here)
-    return windows.counts()
+    return windows.finished()
+
+
+def small_op_us(device: str, calls: int = 5000) -> float:
+    """Host microseconds for one tiny op issued from Python (an add_ on one element): what each extra op
+    or kernel launch in the table costs, give or take, when the host sets the pace."""
+    t = torch.zeros(1, device=device)
+    for _ in range(100):  # warm-up: the kernel's first load
+        t.add_(1)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        t.add_(1)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def positive(text: str) -> int:
@@ -155,11 +193,15 @@ def main() -> None:
     parser.add_argument("--fit-args", type=shlex.split, default=[], help="extra options for (c)")
     args = parser.parse_args()
     data_dir = str(Path(args.data_dir).resolve())
-    windows = {"(b)": Windows(args.steps, args.device), "(c)": Windows(args.steps, args.device)}
-    results = {
-        "(b)": plain(data_dir, args.device, args.batch_size, windows["(b)"]),
-        "(c)": fit(data_dir, args.device, args.batch_size, windows["(c)"], args.fit_args),
+    sides = {
+        "(b)": partial(plain, data_dir, args.device, args.batch_size),
+        "(c)": partial(fit, data_dir, args.device, args.batch_size, fit_args=args.fit_args),
     }
+    timed = {name: run(Windows(args.steps, args.device, timing=True)) for name, run in sides.items()}
+    small_op = [small_op_us(args.device)]
+    windows = {name: run(Windows(args.steps, args.device, timing=False)) for name, run in sides.items()}
+    small_op.append(small_op_us(args.device))
+    results = {name: {"host ms/step (timed)": timed[name].ms_per_step, **w.counts()} for name, w in windows.items()}
     print(f"\ndevice {args.device}, batch {args.batch_size}, {args.steps} steps timed\n")
     print("| per training step | (b) plain loop | (c) fit | c - b |\n|---|---|---|---|")
     for key, b in results["(b)"].items():
@@ -168,11 +210,17 @@ def main() -> None:
             print(f"| {key} | {b:.3f} | {c:.3f} | {c - b:+.3f} |")
     b_ops, c_ops = results["(b)"]["per op"], results["(c)"]["per op"]
     extra = {name: c_ops.get(name, 0) - b_ops.get(name, 0) for name in b_ops.keys() | c_ops.keys()}
-    print("\nops per step, (c) minus (b):", ", ".join(f"{n} {d:+.2f}" for n, d in sorted(extra.items()) if d))
+    print(
+        "\none small op from Python (add_ on one element), us on the host: "
+        f"{small_op[0]:.1f} before any profiling, {small_op[1]:.1f} after"
+    )
+    print("ops per step, (c) minus (b):", ", ".join(f"{n} {d:+.2f}" for n, d in sorted(extra.items()) if d))
     for name, w in windows.items():
         if w.cuda:
             print(f"{name}: GPU ms/step by kernel:", ", ".join(f"{k} {ms:.3f}" for k, ms in w.top_kernels))
             lines = ", ".join(f"{where} x{count}" for where, count in w.syncs.most_common()) or "none"
+            # The line's text too: a line number alone means little in another torch version.
+            lines += "".join(f"\n  {where}: {text}" for where, text in w.sync_lines.items())
             print(f"{name}: {sum(w.syncs.values())} syncs in {w.watched_steps} steps under sync debug mode: {lines}")
 
 

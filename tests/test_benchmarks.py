@@ -35,6 +35,9 @@ def test_gpu_check_runs_its_cpu_path(data_dir, tmp_path):
     for title, text in stages.items():  # the bf16-mixed fit goes against the eager stage's (b)
         plain = text.count("| (b) in-memory loop, batch")
         assert plain == text.count("| (c) fit") * (name[title] != "bf16-mixed"), title
+        # Under the table, every run's seconds per epoch: one figure each, at EPOCHS=1.
+        epochs = re.findall(r"^  \([bc]\) [^:|]+: (\d+\.\d+)$", text, re.M)
+        assert len(epochs) == text.count("| (") and all(float(s) > 0 for s in epochs), title
     # Each stage says how long it took and how much of the budget is left, for sizing the next run.
     left = [int(n) for n in re.findall(r"^stage took \d+ s; (\d+) s of the budget left$", proc.stdout, re.M)]
     assert len(left) == 4 and left == sorted(left, reverse=True) and left[0] < 290
@@ -124,6 +127,7 @@ def test_gpu_check_refuses_a_limit_that_is_not_whole_seconds(data_dir, tmp_path,
 def test_step_breakdown_times_the_arithmetic_and_the_rest(data_dir, tmp_path, which):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "step_breakdown.py"), str(data_dir), which, "--epochs", "1"]
+        + ["--batch-size", "32"]
         + ["--fit-args", "--data.val_size", "100"] * (which == "c"),
         cwd=tmp_path,
         capture_output=True,
@@ -182,6 +186,9 @@ def test_step_profile_counts_the_ops_each_step_adds(data_dir, tmp_path):
     # The epoch metrics' update is in (c) alone: an argmax and a comparison per step.
     extra = re.search(r"^ops per step, \(c\) minus \(b\): (.*)$", proc.stdout, re.M).group(1)
     assert "aten::argmax +1.00" in extra and "aten::eq +1.00" in extra
+    # What one op costs the host, to price the counts with: timed before the profiling and after it.
+    small = re.search(r"^one small op .*: (\d+\.\d) before any profiling, (\d+\.\d) after$", proc.stdout, re.M)
+    assert small and 0 < float(small[1]) < 1000 and 0 < float(small[2]) < 1000
     assert not list(tmp_path.iterdir())  # the fit's run folder went to a scratch folder
 
 
@@ -189,4 +196,4 @@ def test_step_profile_counts_the_ops_each_step_adds(data_dir, tmp_path):
 def test_step_profile_refuses_windows_longer_than_an_epoch(data_dir, tmp_path):
     proc = step_profile(data_dir, tmp_path, "--steps", "500")
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == "the epoch ended at step 125, before step 801: use fewer --steps"
+    assert proc.stderr.strip().splitlines()[-1] == "the epoch ended at step 125, before step 601: use fewer --steps"
