@@ -3,9 +3,10 @@
 # (b) and (c) through torch.compile; a bf16-mixed fit; both through compile's reduce-overhead mode.
 #   bash benchmarks/gpu_check.sh [DATA_DIR]           (default ../shared/datasets)
 # The run has one budget (BUDGET whole seconds from the start, default 290) and each stage its own limit
-# too (STAGE_TIMEOUT, default 150; the eager stage took 86 s on an H200 VM, 126 s on an H100 one), so
-# the script ends within the budget, a slow stage cannot starve the others past its limit, and the rows
-# printed before a cut stand. The required stages come first: on that H100 VM the last one got no time.
+# too (STAGE_TIMEOUT, default 150; the eager stage's processes took 86 s on an H200 VM, the stage 126 s on
+# an H100 one), so the script ends within the budget, a slow stage cannot starve the others past its
+# limit, and the rows printed before a cut stand. The required stages come first: on that H100 VM, at
+# BUDGET=271, the last one was cut after 8 s.
 # Ctrl-C stops the whole script (exit 130). Exit status 1 if any stage failed, was cut or got no time;
 # 2 for bad settings or if torch is not importable in time.
 # DEVICE=cpu EPOCHS=1 FIT_ARGS='--data.val_size 100' run the same path on a CPU (the tests do).

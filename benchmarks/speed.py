@@ -159,16 +159,17 @@ def main() -> None:
         results = medians(variants, args.repeats)
         ref = {name[1]: results[name] for name in ("(a) tutorial", "(b) in-memory loop") if name in results}
         for name, result in results.items():
+            label = f"{name}, batch {bs}" if name.startswith("(") else f"(c) fit {name} as shipped"
             if name.startswith("(c)"):
-                print(row(f"{name}, batch {bs}", result, ref))
+                print(row(label, result, ref))
             elif name.startswith("("):
-                print(row(f"{name}, batch {bs}", result, {}))
+                print(row(label, result, {}))
             else:
-                print(row(f"(c) fit {name} as shipped", result, {k: v for k, v in ref.items() if k == "a"}))
+                print(row(label, result, {k: v for k, v in ref.items() if k == "a"}))
             if "epoch_s" in result:  # (a) has none
-                epochs_shown.append((f"{name}, batch {bs}" if name.startswith("(") else name, result["epoch_s"]))
-    # Where a loop's time goes: the first epoch's start-up (on a GPU, kernels loaded on first use), or
-    # the same in every epoch; (c)'s epochs include their validation and checkpoint.
+                epochs_shown.append((label, result["epoch_s"]))
+    # Whether a loop's excess is a slow first epoch (start-up) or the same in every epoch; (c)'s epochs
+    # include their validation and checkpoint.
     print("\nseconds per epoch, the runs above:")
     for name, seconds in epochs_shown:
         print(f"  {name}: " + " ".join(f"{s:.3f}" for s in seconds))

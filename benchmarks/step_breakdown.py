@@ -55,15 +55,18 @@ def main() -> None:
         from mnist_lightning.fit import cli_main
 
         config = str(HERE.parent / "configs" / "seed.yaml")
+        # --fit-args first, so that a --config among them cannot undo this script's own settings.
         options = ["--trainer.max_epochs", str(args.epochs), "--trainer.limit_val_batches", "0"]
         options += ["--data.batch_size", str(args.batch_size)]
-        options += ["--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu", *args.fit_args]
-        metrics = cli_main(["--config", config, "--data.data_dir", args.data_dir, *options])
+        options += ["--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu"]
+        metrics = cli_main(["--config", config, *args.fit_args, "--data.data_dir", args.data_dir, *options])
         steps, loop = metrics["global_step"], sum(metrics["epoch_seconds"])
     timed_ms = {name: 1000 * s / steps for name, s in seconds.items()}
     rest = 1000 * loop / steps - sum(timed_ms.values())
     cells = "  ".join(f"{name} {ms:.3f}" for name, ms in timed_ms.items())
-    print(f"({args.which}) ms/step: {cells}  everything else {rest:.3f}  step {1000 * loop / steps:.3f}")
+    print(
+        f"({args.which}) ms/step: {cells}  everything else {rest:.3f}  step {1000 * loop / steps:.3f}  ({steps} steps)"
+    )
 
 
 if __name__ == "__main__":
