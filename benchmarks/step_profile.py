@@ -1,11 +1,11 @@
 """One training step, (b) against (c), counted: ``python benchmarks/step_profile.py DATA_DIR [--device cuda]``.
 
 Runs (b), the plain in-memory loop (one epoch), and (c), the fit with default.yaml (validation off, one
-epoch cut short), in one process, each twice. The first passes time a window of training steps on the host, with
-no profiler yet; the second passes count, over a window of each, with torch.profiler: the ops dispatched
-and, on CUDA, the kernels launched, the waits for the GPU inside ops and the GPU's busy time, per step.
-On CUDA a last window runs under ``torch.cuda.set_sync_debug_mode`` and lists the Python lines that made
-the host wait for the GPU. One small op's host time, before and after the profiling, prices an op.
+epoch cut short), in one process, each twice. The first passes time a window of training steps on the
+host, with no profiler yet; the second passes count, over a window of each, with torch.profiler: the ops
+dispatched and, on CUDA, the kernels launched, the waits for the GPU inside ops and the GPU's busy time,
+per step. On CUDA a last window runs under ``torch.cuda.set_sync_debug_mode`` and lists the Python lines
+that made the host wait for the GPU. One small op's host time, before and after the profiling, prices an op.
 Timers cannot split an asynchronous GPU step the way step_breakdown.py splits a CPU one; counts can.
 """
 
@@ -206,9 +206,9 @@ def main() -> None:
         "(c)": partial(fit, data_dir, args.device, args.batch_size, fit_args=args.fit_args),
     }
     timed = {name: run(Windows(args.steps, args.device, timing=True)) for name, run in sides.items()}
-    small_op = [small_op_us(args.device)]
+    small_op_before = small_op_us(args.device)
     windows = {name: run(Windows(args.steps, args.device, timing=False)) for name, run in sides.items()}
-    small_op.append(small_op_us(args.device))
+    small_op_after = small_op_us(args.device)
     results = {name: {"host ms/step (timed)": timed[name].ms_per_step, **w.counts()} for name, w in windows.items()}
     print(f"\ndevice {args.device}, batch {args.batch_size}, {args.steps} steps timed\n")
     print("| per training step | (b) plain loop | (c) fit | c - b |\n|---|---|---|---|")
@@ -220,7 +220,7 @@ def main() -> None:
     extra = {name: c_ops.get(name, 0) - b_ops.get(name, 0) for name in b_ops.keys() | c_ops.keys()}
     print(
         "\none small op from Python (add_ on one element), us on the host: "
-        f"{small_op[0]:.1f} before any profiling, {small_op[1]:.1f} after"
+        f"{small_op_before:.1f} before any profiling, {small_op_after:.1f} after"
     )
     print("ops per step, (c) minus (b):", ", ".join(f"{n} {d:+.2f}" for n, d in sorted(extra.items()) if d))
     for name, w in windows.items():
