@@ -1,6 +1,7 @@
 import torch
 
-from mnist_lightning.model import MLP, LossAndAccuracy, MNISTClassifier, SmoothedCrossEntropy
+from mnist_lightning.metrics import LossAndAccuracy
+from mnist_lightning.model import MLP, MNISTClassifier, SmoothedCrossEntropy
 
 
 def test_network_is_784_128_64_10():

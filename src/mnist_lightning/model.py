@@ -6,13 +6,12 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
-from torchmetrics import MaxMetric, Metric
+from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mnist_lightning import report
 from mnist_lightning.errors import UserError
-
-MISTAKES_SHOWN = 64  # misread test digits pictured in TensorBoard
+from mnist_lightning.metrics import LossAndAccuracy
 
 
 class MLP(nn.Sequential):
@@ -51,32 +50,6 @@ class SmoothedCrossEntropy(nn.Module):
         weights = torch.full_like(logits, spread * scale, dtype=dtype)
         weights.scatter_(1, target.unsqueeze(1), (1 - self.smoothing + spread) * scale)
         return torch.dot(weights.flatten(), logits.log_softmax(1, dtype=dtype).flatten())
-
-
-class LossAndAccuracy(Metric):
-    """An epoch's mean loss and accuracy, summed over DDP ranks, from one update per step.
-
-    MeanMetric plus MulticlassAccuracy give the same figures from two updates whose argument handling
-    cost about 0.1 ms a training step on a 2-core CPU, a tenth of the step at batch 64.
-    """
-
-    full_state_update = False
-
-    def __init__(self):
-        super().__init__()
-        for name in ("loss_sum", "correct", "count"):
-            self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
-
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
-        # No NaN test here (it would wait for the device every step): a NaN loss makes the mean NaN.
-        # In place, the batch size as add_'s alpha: no temporary, and no `self.x = ...` through
-        # nn.Module.__setattr__ (18 -> 13 us an update on a 2-core CPU).
-        self.loss_sum.add_(loss.detach(), alpha=len(target))
-        self.correct.add_((logits.argmax(1) == target).sum())
-        self.count.add_(len(target))
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        return {"loss": self.loss_sum / self.count, "acc": self.correct / self.count}
 
 
 class MNISTClassifier(L.LightningModule):
@@ -186,7 +159,7 @@ class MNISTClassifier(L.LightningModule):
         x, y = batch
         predicted = logits.argmax(1)
         self.test_confusion.update(predicted, y)
-        if sum(len(t) for _, t, _ in self.mistakes) < MISTAKES_SHOWN:
+        if sum(len(t) for _, t, _ in self.mistakes) < report.MISTAKES_SHOWN:
             wrong = predicted != y
             self.mistakes.append((x[wrong], y[wrong], predicted[wrong]))
 
@@ -199,13 +172,7 @@ class MNISTClassifier(L.LightningModule):
         for digit, accuracy in enumerate(matrix.diag() / matrix.sum(1).clamp(min=1)):
             self.log(f"test/acc_digit_{digit}", accuracy, sync_dist=True)  # equal on every rank already
         if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
-            writer, step = self.logger.experiment, self.global_step
-            writer.add_image("test/confusion_matrix", report.confusion_image(matrix), step, dataformats="HWC")
-            if self.mistakes:
-                parts = zip(*self.mistakes, strict=True)
-                images, true, predicted = (torch.cat(part)[:MISTAKES_SHOWN] for part in parts)
-                grid = report.mistakes_image(images, true, predicted)
-                writer.add_image("test/mistakes_true>predicted", grid, step, dataformats="HWC")
+            report.log_test_pictures(self.logger.experiment, matrix, self.mistakes, self.global_step)
         self.test_confusion.reset()
         self.mistakes.clear()
 

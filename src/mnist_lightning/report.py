@@ -4,9 +4,11 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image, ImageDraw, ImageFont
+from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 CELL = 28  # pixels per confusion-matrix cell and per (upscaled) digit
+MISTAKES_SHOWN = 64  # misread test digits pictured
 
 
 def log_hparams(logger: TensorBoardLogger, params: dict, metric_names: list[str]) -> None:
@@ -57,3 +59,14 @@ def mistakes_image(images: torch.Tensor, true: torch.Tensor, predicted: torch.Te
         image.paste(digit, (left, top))
         draw.text((left + 18, top + 2 * CELL), f"{t}>{p}", fill="red", font=font)
     return np.asarray(image)
+
+
+def log_test_pictures(
+    writer: SummaryWriter, matrix: torch.Tensor, mistakes: list[tuple[torch.Tensor, ...]], step: int
+) -> None:
+    """The test's confusion matrix, and its first MISTAKES_SHOWN misread digits from (images, true, predicted)."""
+    writer.add_image("test/confusion_matrix", confusion_image(matrix), step, dataformats="HWC")
+    if mistakes:
+        images, true, predicted = (torch.cat(part)[:MISTAKES_SHOWN] for part in zip(*mistakes, strict=True))
+        grid = mistakes_image(images, true, predicted)
+        writer.add_image("test/mistakes_true>predicted", grid, step, dataformats="HWC")
