@@ -29,7 +29,7 @@ def test_gpu_check_runs_its_cpu_path(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stages = dict(part.split("\n", 1) for part in proc.stdout.split("## ")[1:])
     name = {title: title.split(",")[0].split(" (")[0] for title in stages}  # "eager", "bf16-mixed", ...
-    rows = {name[title]: text.count("| (c) fit default.yaml, batch") for title, text in stages.items()}
+    rows = {name[title]: text.count("| (c) fit default, batch") for title, text in stages.items()}
     assert rows == {"eager": 3, "bf16-mixed": 1, "torch.compile": 2, "torch.compile reduce-overhead": 1}
     for title, text in stages.items():  # the bf16-mixed fit goes against the eager stage's (b)
         plain = text.count("| (b) in-memory loop, batch")

@@ -76,21 +76,25 @@ def bad_ckpt(request, tmp_path, trained_ckpt):
 
 
 def test_loads_fits_checkpoint_in_eval_mode_with_its_normalisation(fit_result, trained_ckpt, data_dir):
-    model, (mean, std), data = load_checkpoint(trained_ckpt)
-    assert not model.training and (mean, std) == (
+    net, (mean, std), settings = load_checkpoint(trained_ckpt)
+    data = settings["data"]
+    assert not net.training and (mean, std) == (
         fit_result["config"]["data"]["mean"],
         fit_result["config"]["data"]["std"],
     )
     assert data["data_dir"] == str(data_dir) and "_instantiator" not in data
-    for name, tensor in real(trained_ckpt)["state_dict"].items():
-        assert torch.equal(model.state_dict()[name], tensor), name
+    assert settings["model"]["label_smoothing"] == fit_result["config"]["model"]["label_smoothing"]
+    weights = {k: v for k, v in real(trained_ckpt)["state_dict"].items() if k.startswith("net.")}
+    assert weights.keys() == {f"net.{k}" for k in net.state_dict()}
+    for name, tensor in weights.items():
+        assert torch.equal(net.state_dict()[name.removeprefix("net.")], tensor), name
 
 
 def test_the_network_is_built_from_the_checkpoints_hidden_sizes(tmp_path, trained_ckpt):
     small = with_state(trained_ckpt, MNISTClassifier(32, 16).state_dict(), hidden1=32, hidden2=16)
     path = written(tmp_path / "small.ckpt", small)
-    model, _, _ = load_checkpoint(path)
-    assert model.net[1].weight.shape == (32, 784) and model.net[3].weight.shape == (16, 32)
+    net, _, _ = load_checkpoint(path)
+    assert net[1].weight.shape == (32, 784) and net[3].weight.shape == (16, 32)
 
 
 def test_bad_checkpoints_get_one_line_naming_the_file(bad_ckpt):

@@ -12,6 +12,7 @@ def make(data_dir, **kwargs) -> MNISTDataModule:
     dm = MNISTDataModule(data_dir=str(data_dir), val_size=100, **kwargs)
     dm.prepare_data()
     dm.setup("fit")
+    dm.setup("test")
     return dm
 
 
@@ -67,8 +68,8 @@ def test_batches_come_as_index_tensors_on_the_data_device(data_dir):
 def test_shards_are_disjoint_and_cover_the_set(shuffle, size):
     """What each DDP rank gets: shuffled, equal shards (one image repeated); in order, every image once."""
     data = TensorBatches(torch.zeros(149, 1, 28, 28), torch.arange(149))
-    shards = [torch.cat(list(DeviceBatches(data, 50, 2, rank, shuffle))) for rank in (0, 1)]
-    assert [len(DeviceBatches(data, 50, 2, rank, shuffle)) for rank in (0, 1)] == [2, 2]
+    shards = [torch.cat(list(DeviceBatches(data, 50, 2, rank, shuffle, seed=5))) for rank in (0, 1)]
+    assert [len(DeviceBatches(data, 50, 2, rank, shuffle, seed=5)) for rank in (0, 1)] == [2, 2]
     assert sum(len(s) for s in shards) == size
     assert set(torch.cat(shards).tolist()) == set(range(149))
     if not shuffle:
@@ -77,9 +78,9 @@ def test_shards_are_disjoint_and_cover_the_set(shuffle, size):
 
 def test_shuffle_follows_seed_and_epoch():
     data = TensorBatches(torch.zeros(100, 1, 28, 28), torch.arange(100))
-    torch.manual_seed(3)
-    a, b = DeviceBatches(data, 100, 1, 0, True), DeviceBatches(data, 100, 1, 0, True)
+    a, b = DeviceBatches(data, 100, 1, 0, True, seed=3), DeviceBatches(data, 100, 1, 0, True, seed=3)
     assert torch.equal(next(iter(a)), next(iter(b)))
+    assert not torch.equal(next(iter(a)), next(iter(DeviceBatches(data, 100, 1, 0, True, seed=4))))
     b.set_epoch(1)
     assert not torch.equal(next(iter(a)), next(iter(b)))
     # Lightning makes a run's first iterator before calling set_epoch; a resumed run relies on this.
@@ -126,7 +127,7 @@ def test_corrupt_file_is_named(tmp_path, name, mutate, expected):
     path.write_bytes(mutate(path.read_bytes()))
     dm = MNISTDataModule(data_dir=str(tmp_path), val_size=10)
     with pytest.raises(UserError, match=expected) as err:
-        dm.setup("fit")
+        dm.setup("fit" if name.startswith("train") else "test")
     assert name in str(err.value)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from conftest import FAST, run_module
 from mnist_lightning.callbacks import ProcessGroupTeardown
@@ -137,8 +138,12 @@ def test_the_process_group_is_destroyed_at_exit(data_dir, tmp_path, monkeypatch)
     (ProcessGroupTeardown's docstring); every process a fit sets up must destroy it at exit, once."""
     monkeypatch.chdir(tmp_path)
     callbacks = []
-    monkeypatch.setattr(MNISTClassifier, "on_fit_end", lambda self: callbacks.extend(self.trainer.callbacks))
-    cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "1"])
+
+    class Look(Callback):
+        def on_fit_end(self, trainer, model):
+            callbacks.extend(trainer.callbacks)
+
+    cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "1"], callbacks=[Look()])
     assert sum(isinstance(c, ProcessGroupTeardown) for c in callbacks) == 1
     script = f"""
 import atexit, signal, torch
@@ -157,3 +162,33 @@ for stage in ("fit", "test"):  # both stages set up; the group is destroyed once
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "initialized at exit: False destroyed ['SIG_IGN'] then default_int_handler"
+
+
+SHARDS = """
+import json, sys
+from lightning.pytorch import Callback
+from mnist_lightning.fit import cli_main
+
+class Shard(Callback):  # what this rank trains on in each epoch: the indices its sampler yields
+    def on_train_epoch_start(self, trainer, model):
+        order = trainer.train_dataloader.sampler
+        with open(f"shard-{trainer.global_rank}-{trainer.current_epoch}.json", "w") as f:
+            json.dump(sorted(i for batch in order for i in batch.tolist()), f)
+
+cli_main(sys.argv[1:], callbacks=[Shard()])
+"""
+
+
+def test_ddp_ranks_train_on_disjoint_shards_without_a_seed(data_dir, tmp_path):
+    """With --seed_everything false every process has its own random seed; the shuffle must still agree."""
+    (tmp_path / "shards.py").write_text(SHARDS)
+    args = ["--data.data_dir", str(data_dir), *HALF_TRAINED, "--trainer.accelerator", "cpu", "--data.batch_size", "64"]
+    args += ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--seed_everything", "false"]
+    proc = subprocess.run(
+        [sys.executable, "shards.py", *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    shards = [json.loads((tmp_path / f"shard-{rank}-0.json").read_text()) for rank in (0, 1)]
+    train_size = 1000 - 100
+    assert len(shards[0]) == len(shards[1]) == train_size // 2
+    assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) == set(range(train_size))

@@ -1,16 +1,20 @@
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback, Trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import FAST, run_module
 from mnist_lightning.errors import UserError
-from mnist_lightning.fit import NoProfiler, cli_main
-from mnist_lightning.model import MNISTClassifier
+from mnist_lightning.fit import cli_main
+from mnist_lightning.speedups import NoProfiler
 
 
 def scalars(version_dir: Path) -> dict[str, list[float]]:
@@ -77,13 +81,6 @@ def test_no_profiler_by_default_and_lightnings_on_request(data_dir, tmp_path, mo
         assert not report and "run_training_batch" in actions and "[Strategy]SingleDeviceStrategy.backward" in actions
 
 
-def test_no_profiler_makes_nothing_per_call():
-    contexts = {id(NoProfiler().profile(name)) for name in ("run_training_batch", "[Callback]x.on_train_batch_end")}
-    assert len(contexts) == 1
-    with NoProfiler().profile("a"), NoProfiler().profile("b"):  # hooks nest: the shared context must allow it
-        pass
-
-
 def test_steps_read_no_tensor_value_on_the_host_but_on_logging_steps(data_dir, tmp_path, monkeypatch):
     """On a GPU each .item(), bool(tensor) or .tolist() waits for the device. Within a training or
     validation step none may happen, except the NaN check on the steps Lightning logs on."""
@@ -101,14 +98,22 @@ def test_steps_read_no_tensor_value_on_the_host_but_on_logging_steps(data_dir, t
     for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
 
-    def mark(step):  # the hook records where the reads that follow happen; None between steps
-        return lambda self, *args: where.update(step=step(self))
+    class Where(Callback):  # records where the reads that follow happen; None between steps
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            where["step"] = trainer.global_step
 
-    monkeypatch.setattr(MNISTClassifier, "on_train_batch_start", mark(lambda model: model.global_step))
-    monkeypatch.setattr(MNISTClassifier, "on_validation_batch_start", mark(lambda model: "validation"))
-    monkeypatch.setattr(MNISTClassifier, "on_train_batch_end", mark(lambda model: None))
-    monkeypatch.setattr(MNISTClassifier, "on_validation_batch_end", mark(lambda model: None))
-    result = cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.log_every_n_steps", "5"])
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            where["step"] = "validation"
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            where["step"] = None  # after every other callback's on_train_batch_end: listed last
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            where["step"] = None
+
+    result = cli_main(
+        ["--data.data_dir", str(data_dir), *FAST, "--trainer.log_every_n_steps", "5"], callbacks=[Where()]
+    )
     logging_steps = [step for step in range(result["global_step"]) if (step + 1) % 5 == 0]
     assert result["global_step"] == 16 and logging_steps == [4, 9, 14]  # 900 images in batches of 128, 2 epochs
     assert reads == [(step, "__bool__") for step in logging_steps]  # the NaN check, and nothing else
@@ -117,16 +122,17 @@ def test_steps_read_no_tensor_value_on_the_host_but_on_logging_steps(data_dir, t
 def test_epoch_metrics_count_in_float32_whatever_the_precision(data_dir, tmp_path, monkeypatch):
     """bf16-true casts the module; a bfloat16 count would stop at 256 (and a loss sum lose its digits)."""
     monkeypatch.chdir(tmp_path)
-    dtypes, original = set(), MNISTClassifier.on_test_epoch_end
+    dtypes = set()
 
-    def record(self):
-        for metric in (self.train_metrics, self.val_metrics, self.test_metrics):
-            dtypes.update(state.dtype for state in (metric.loss_sum, metric.correct, metric.count))
-        dtypes.add(self.val_acc_best.max_value.dtype)
-        original(self)
+    class Record(Callback):
+        def on_test_epoch_end(self, trainer, model):
+            for metric in (model.train_metrics, model.val_metrics, model.test_metrics):
+                dtypes.update(state.dtype for state in (metric.loss_sum, metric.correct, metric.count))
+            dtypes.add(model.val_acc_best.max_value.dtype)
 
-    monkeypatch.setattr(MNISTClassifier, "on_test_epoch_end", record)
-    result = cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.precision", "bf16-true"])
+    result = cli_main(
+        ["--data.data_dir", str(data_dir), *FAST, "--trainer.precision", "bf16-true"], callbacks=[Record()]
+    )
     assert dtypes == {torch.float32}
     assert result["test/acc"] > 0.9  # bfloat16 weights still learn the bars
 
@@ -150,8 +156,12 @@ def test_progress_bar_redraws_every_20th_step_unless_configured(
     A line per epoch is printed instead of a bar, never beside one."""
     monkeypatch.chdir(tmp_path)
     bars = []
-    monkeypatch.setattr(MNISTClassifier, "on_fit_end", lambda self: bars.append(self.trainer.progress_bar_callback))
-    cli_main(["--data.data_dir", str(data_dir), *FAST, *options])
+
+    class Bar(Callback):
+        def on_fit_end(self, trainer, model):
+            bars.append(trainer.progress_bar_callback)
+
+    cli_main(["--data.data_dir", str(data_dir), *FAST, *options], callbacks=[Bar()])
     assert (bars[0].refresh_rate if bars[0] else None) == refresh_rate
     assert ("epoch 2/2  train/acc" in capsys.readouterr().out) == (refresh_rate is None)
 
@@ -242,3 +252,115 @@ def test_default_fit_on_real_mnist(tmp_path):
     metrics = json.loads((tmp_path / "lightning_logs" / "version_0" / "metrics.json").read_text())
     # The default recipe measures 98.0-98.2% over seeds; 97.5% leaves room for platform noise.
     assert metrics["test/acc"] >= 0.975
+
+
+def test_without_step_logging_or_test_batches_the_run_still_finishes(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--data.data_dir", str(data_dir), *FAST, "--trainer.log_every_n_steps", "0"]
+    result = cli_main([*args, "--trainer.limit_test_batches", "0"])
+    assert "test/acc" not in result and result["global_step"] == 16 and "train/loss_step" not in result
+    assert "the run was not tested" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "lightning_logs" / "version_0" / "metrics.json").read_text())
+    assert saved["val/acc"] == result["val/acc"]
+
+
+def test_ckpt_path_last_without_a_logger(data_dir, tmp_path, monkeypatch):
+    """With --trainer.logger false, checkpoints go to ROOT/checkpoints/, and `last` finds them there."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--data.data_dir", str(data_dir), *FAST, "--trainer.logger", "false", "--model.scheduler", "none"]
+    cli_main(args)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    (tmp_path / "metrics.json").unlink()  # as if it had been killed: an unfinished run
+    result = cli_main(["--trainer.logger", "false", "--trainer.max_epochs", "3", "--ckpt_path", "last"])
+    assert result["global_step"] == 24 and result["config"]["ckpt_path"] == "checkpoints/last.ckpt"
+    with pytest.raises(UserError, match="--ckpt_path last finds the runs of the default logger only"):
+        cli_main([*args[:-4], "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", ".", "--ckpt_path", "last"])
+
+
+def test_a_finished_runs_advice_works(data_dir, tmp_path, monkeypatch):
+    """The refusal of `--ckpt_path last` on a finished fixed-rate run names a command that then works."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--data.data_dir", str(data_dir), *FAST, "--model.scheduler", "none"]
+    cli_main(args)
+    with pytest.raises(
+        UserError, match=r"has finished; to train it further pass --ckpt_path (\S+) with a larger"
+    ) as err:
+        cli_main(["--ckpt_path", "last"])
+    ckpt = str(err.value).split("--ckpt_path ")[2].split(" ")[0]
+    assert cli_main(["--ckpt_path", ckpt, "--trainer.max_epochs", "3"])["global_step"] == 24
+
+
+def test_speedups_switch_off_together(data_dir, tmp_path, monkeypatch):
+    from lightning.pytorch.profilers import PassThroughProfiler
+
+    from mnist_lightning import speedups
+
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    class Look(Callback):
+        def on_fit_end(self, trainer, model):
+            seen[os.environ["MNIST_LIGHTNING_SPEEDUPS"]] = (type(trainer.profiler), speedups.on("hook_names"))
+
+    for setting in ("all", "none"):
+        monkeypatch.setenv("MNIST_LIGHTNING_SPEEDUPS", setting)
+        result = cli_main(["--data.data_dir", str(data_dir), *FAST], callbacks=[Look()])
+        seen[setting] += (result["test/acc"],)
+    assert seen["all"][:2] == (NoProfiler, True) and seen["none"][:2] == (PassThroughProfiler, False)
+    assert seen["all"][2] == seen["none"][2]  # they change the time, never a figure
+    monkeypatch.setenv("MNIST_LIGHTNING_SPEEDUPS", "profiler,turbo")
+    with pytest.raises(UserError, match="MNIST_LIGHTNING_SPEEDUPS names turbo; use all, none or some of hook_names"):
+        cli_main(["--print_config"])
+
+
+def test_a_value_error_that_is_not_lightnings_verdict_keeps_its_traceback():
+    from mnist_lightning.errors import checks_an_argument
+
+    try:
+        raise ValueError("a bug of ours")
+    except ValueError as err:
+        assert not checks_an_argument(err)
+    try:
+        Trainer(strategy="foo", logger=False)
+    except ValueError as err:
+        assert checks_an_argument(err)
+
+
+@pytest.mark.parametrize("module", ["predict", "evaluate", "export"])
+def test_the_commands_that_use_a_checkpoint_do_not_import_lightning(module):
+    heavy = "m == 'lightning' or m.startswith(('lightning.', 'torchmetrics', 'torchvision'))"
+    code = f"import sys, mnist_lightning.{module}; print(sorted(m for m in sys.modules if {heavy}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_trains_the_shipped_recipe(data_dir, tmp_path):
+    """The recipe lives in the constructors and the CLI's Trainer defaults, not in a file beside the source."""
+    source, site = tmp_path / "source", tmp_path / "site"  # built from a copy: the build writes beside it
+    root = Path(__file__).parents[1]
+    shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target"]
+    subprocess.run([*pip, str(site), str(source)], check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def fit(*args):
+        proc = subprocess.run(
+            [sys.executable, "-m", "mnist_lightning.fit", *args], cwd=run, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    code = "import mnist_lightning.fit as f; print(f.__file__)"
+    where = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=run).stdout
+    assert where.startswith(str(site))  # the installed copy, not the source tree
+    config = fit("--print_config")
+    for line in ("max_epochs: 5", "lr: 0.005", "scheduler: onecycle", "label_smoothing: 0.1", "batch_size: 128"):
+        assert line in config, line
+    fit("--data.data_dir", str(data_dir), *FAST)
+    metrics = json.loads((run / "lightning_logs" / "version_0" / "metrics.json").read_text())
+    assert metrics["config"]["model"]["scheduler"] == "onecycle" and metrics["test/acc"] > 0.9

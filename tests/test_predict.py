@@ -10,9 +10,11 @@ from PIL import Image, ImageDraw
 
 from conftest import run_module
 from mnist_lightning.checkpoint import load_checkpoint
-from mnist_lightning.data import MNISTDataModule, load_split
+from mnist_lightning.data import MNISTDataModule
 from mnist_lightning.errors import UserError, run_main
-from mnist_lightning.predict import cli_main, normalise, preprocess, read_image
+from mnist_lightning.idx import load_split
+from mnist_lightning.net import normalise
+from mnist_lightning.predict import cli_main, preprocess, read_image
 
 
 def centre_of_mass(image: np.ndarray) -> tuple[float, float]:
@@ -56,7 +58,7 @@ def test_mnist_style_pngs_give_exactly_the_datamodules_tensors(data_dir, tmp_pat
     data = MNISTDataModule(str(data_dir), val_size=100, mean=0.2, std=0.7)
     data.setup("test")
     read = np.stack([read_image(tmp_path / f"{i:03d}.png") for i in range(len(images))])
-    assert torch.equal(normalise(read, 0.2, 0.7), data.test_set.images)
+    assert torch.equal(normalise(torch.from_numpy(read).unsqueeze(1), 0.2, 0.7), data.test_set.images)
 
 
 def test_crop_scale_and_centre_of_mass():

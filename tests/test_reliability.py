@@ -1,7 +1,6 @@
 """Kills, resumes, bad config, non-finite loss, concurrent runs, determinism (see docs/reliability.md)."""
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -13,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from conftest import FAST, run_module, write_dataset
-from mnist_lightning.checkpoint import AtomicCheckpointIO
 from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.fit import cli_main
-from mnist_lightning.model import MNISTClassifier
-from mnist_lightning.runs import claim_version
+from mnist_lightning.runs import AtomicCheckpointIO, claim_version
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -48,7 +46,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
         (["--data.bogus", "1"], "unrecognized arguments: --data.bogus 1"),
         (["--trainer.accelerator", "gpu"], "check --trainer.accelerator"),
         (["--ckpt_path", "last", "--trainer.default_root_dir", "nowhere"], "no run in"),
-        (["--ckpt_path", "last"], "has finished; to train it further pass its checkpoint path"),
+        (["--ckpt_path", "last"], "has finished; its one-cycle schedule cannot be extended: start a new run"),
         (["--data.eval_batch_size", "-5"], "eval_batch_size must be positive, got -5"),
         (
             ["--trainer.enable_progress_bar", "false", "--trainer.callbacks+=TQDMProgressBar"],
@@ -102,20 +100,66 @@ def test_unwritable_log_folder(tmp_path, data_dir, capsys):
     assert exit_.value.code == 2 and "cannot create a run folder" in capsys.readouterr().err
 
 
+class PoisonAt(Callback):
+    """Turns the first layer's weights to NaN at the start of an epoch: the loss then is NaN too."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, model):
+        if trainer.current_epoch == self.epoch:
+            model.net[1].weight.data.fill_(float("nan"))
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    original = MNISTClassifier._step
-
-    def poisoned(self, batch, stage):
-        loss, logits = original(self, batch, stage)
-        return (loss * float("nan") if self.current_epoch == 1 else loss), logits
-
-    monkeypatch.setattr(MNISTClassifier, "_step", poisoned)
-    with pytest.raises(UserError, match=r"train/loss is nan at step \d+ \(epoch 1\)"):
-        cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "3"])
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    kept = rf"training stopped and the last good checkpoint, .*{last.name}, is kept"
+    with pytest.raises(UserError, match=rf"train/loss is nan at step \d+ \(epoch 1\); {kept}"):
+        cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "3"], callbacks=[PoisonAt(1)])
     assert torch.load(last, weights_only=True)["epoch"] == 0
     assert all(torch.isfinite(w).all() for w in weights(last).values())
+
+
+def test_non_finite_loss_without_checkpoints_keeps_the_logs(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--data.data_dir", str(data_dir), *FAST, "--trainer.enable_checkpointing", "false"]
+    with pytest.raises(UserError, match="training stopped and no checkpoint had been written yet"):
+        cli_main(args, callbacks=[PoisonAt(1)])
+    version = tmp_path / "lightning_logs" / "version_0"
+    assert list(version.glob("events.out.tfevents.*")) and not (version / "checkpoints").exists()
+
+
+def test_a_failed_run_leaves_a_folder_it_did_not_create_alone(data_dir, tmp_path, monkeypatch):
+    """A configured logger's folder belongs to the user: a failure deletes nothing in it."""
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "results"
+    (results / "lightning_logs" / "version_0").mkdir(parents=True)
+    mine = results / "lightning_logs" / "version_0" / "notes.txt"
+    mine.write_text("my notes")
+    logger = ["--trainer.logger", "TensorBoardLogger", "--trainer.logger.save_dir", str(results)]
+    logger += ["--trainer.logger.version", "0"]
+    with pytest.raises(UserError, match="train/loss is nan"):
+        cli_main(["--data.data_dir", str(data_dir), *FAST, *logger], callbacks=[PoisonAt(0)])
+    assert mine.read_text() == "my notes"
+
+
+def test_a_run_that_fails_before_training_removes_only_its_own_folder(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    class Refuse(Callback):  # fails after the run folder is set up, before the first step
+        def on_train_start(self, trainer, model):
+            raise UserError("refused")
+
+    class Drop(Callback):  # a user's file appears in the run folder meanwhile
+        def setup(self, trainer, model, stage):
+            Path(trainer.log_dir, "notes.txt").write_text("mine")
+
+    for callbacks, kept in (([Refuse()], []), ([Drop(), Refuse()], ["version_0"])):
+        with pytest.raises(UserError, match="refused"):
+            cli_main(["--data.data_dir", str(data_dir), *FAST], callbacks=callbacks)
+        assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == kept
+    assert (tmp_path / "lightning_logs" / "version_0" / "notes.txt").read_text() == "mine"
 
 
 def test_float16_training_stops_with_advice_on_the_precision(data_dir, tmp_path, monkeypatch):
@@ -172,31 +216,19 @@ def test_kill_9_then_resume_last_is_bit_identical(data_dir, tmp_path):
     assert killed.returncode == -signal.SIGKILL
     interrupted_at = torch.load(last, weights_only=True)["epoch"]
 
-    resumed = run_module("mnist_lightning.fit", *args, "--ckpt_path", "last", cwd=tmp_path)
+    # --ckpt_path last alone: the run's own config.yaml brings back its data and its 40 epochs.
+    resumed = run_module("mnist_lightning.fit", "--ckpt_path", "last", cwd=tmp_path)
     assert f"epoch {interrupted_at + 2}/40" in resumed.stdout and "epoch 1/40" not in resumed.stdout
+    assert "epoch 40/40" in resumed.stdout
     assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]  # same folder
     final = weights(last)
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 
-def test_deterministic_runs_are_identical(data_dir, tmp_path, monkeypatch):
-    results = []
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        monkeypatch.chdir(tmp_path / name)
-        metrics = cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.deterministic", "true"])
-        results.append((metrics, weights(Path(metrics["best_model_path"]))))
-    (ma, wa), (mb, wb) = results
-    keys = [k for k in ma if "/" in k]
-    assert [ma[k] for k in keys] == [mb[k] for k in keys]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert json.dumps(ma["config"]) == json.dumps(mb["config"])
-
-
 WRITER = """
 import sys, torch
-from mnist_lightning.checkpoint import AtomicCheckpointIO
+from mnist_lightning.runs import AtomicCheckpointIO
 io, step = AtomicCheckpointIO(), 0
 while True:
     step += 1

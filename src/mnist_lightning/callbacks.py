@@ -1,4 +1,4 @@
-"""The two callbacks every fit adds: a line per epoch in logs, and the process group torn down at exit."""
+"""The callbacks every fit adds for its console and its processes: a line per epoch, the group torn down."""
 
 import atexit
 import signal
@@ -9,34 +9,32 @@ from lightning.pytorch import Callback, Trainer
 
 
 class EpochTimer(Callback):
-    """Times each training epoch (validation included); prints a plain line per epoch if there is no bar.
-
-    The lines are for logs and pipes, where a progress bar would be carriage-return spam.
+    """Times each training epoch, its validation and checkpoints included; prints a plain line per epoch
+    if there is no bar. The lines are for logs and pipes, where a progress bar would be carriage-return spam.
     """
 
     def __init__(self):
-        self.seconds, self.start, self.done = [], 0.0, False
+        self.seconds, self.start = [], None
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module) -> None:
         self._finish(trainer)
         self.start = time.perf_counter()
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module) -> None:
-        # Callbacks run before the module's own on_train_epoch_end, where train/ metrics are
-        # logged, so the line is printed at the next epoch's start or at the end of training.
-        self.seconds.append(time.perf_counter() - self.start)
-        self.done = True
-
     def on_train_end(self, trainer: Trainer, pl_module) -> None:
         self._finish(trainer)
 
     def _finish(self, trainer: Trainer) -> None:
-        if self.done and trainer.progress_bar_callback is None and trainer.is_global_zero:
+        # The epoch ends at the next one's start or at the end of training: Lightning writes the
+        # checkpoints and the module logs its train/ metrics after every callback's on_train_epoch_end.
+        if self.start is None:
+            return
+        self.seconds.append(time.perf_counter() - self.start)
+        self.start = None
+        if trainer.progress_bar_callback is None and trainer.is_global_zero:
             metrics = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()))
             print(
                 f"epoch {trainer.current_epoch}/{trainer.max_epochs}  {metrics}  ({self.seconds[-1]:.1f}s)", flush=True
             )
-        self.done = False
 
 
 def destroy_process_group() -> None:

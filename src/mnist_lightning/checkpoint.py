@@ -1,44 +1,17 @@
 """Load a checkpoint written by fit without running any code from it, or say clearly why not."""
 
-import os
 import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
 
 from mnist_lightning.errors import UserError
-from mnist_lightning.model import MNISTClassifier
+from mnist_lightning.net import MLP
 
 WHAT_TO_DO = "pass a .ckpt that mnist_lightning.fit wrote (lightning_logs/version_N/checkpoints/)"
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file beside it, syncs it, then renames it into place.
-
-    A kill at any moment leaves the old file or the new one, never a torn one. Lightning's own
-    writer stages in the system temp folder and moves from there, which on another file system is a
-    plain copy. A full disk keeps the old file and stops the run with one line.
-    """
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
-                stale.unlink(missing_ok=True)
-            with open(temporary, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except OSError as err:
-            temporary.unlink(missing_ok=True)
-            raise UserError(
-                f"could not write checkpoint {path} ({err.strerror}); any earlier one is kept. "
-                "Free some space or pass --trainer.default_root_dir DIR"
-            ) from None
+# Besides the network, a checkpoint's state_dict holds the LightningModule's persistent metric states.
+NOT_THE_NETWORK = ("val_acc_best.",)
 
 
 def _read(path: Path) -> dict:
@@ -70,13 +43,13 @@ def _read(path: Path) -> dict:
     return checkpoint
 
 
-def load_checkpoint(
-    path: str | Path, model: MNISTClassifier | None = None
-) -> tuple[MNISTClassifier, tuple[float, float], dict]:
-    """Return the classifier (eval mode, on the CPU), its (mean, std) and the datamodule's hparams.
+def load_checkpoint(path: str | Path, like: nn.Module | None = None) -> tuple[MLP, tuple[float, float], dict]:
+    """Return the network (eval mode, on the CPU), its (mean, std) and the settings it was trained with
+    (``{"data": ..., "model": ...}``, the datamodule's and the module's hyperparameters).
 
-    The weights go into ``model`` if given (fit checks a checkpoint before resuming from it this
-    way), else into a network built with the checkpoint's own hidden sizes.
+    Only torch is needed, not Lightning, so the commands that use a checkpoint start fast. The network
+    is built with the checkpoint's own hidden sizes; given ``like`` (fit, before resuming), its layer
+    sizes must match that network's.
     """
     path = Path(path)
     checkpoint = _read(path)
@@ -94,30 +67,31 @@ def load_checkpoint(
             f"checkpoint {path} is not from mnist_lightning: it lacks the state_dict, the hidden1/hidden2 "
             f"hyperparameters or the data mean/std; {WHAT_TO_DO}"
         )
-    # With fit's label smoothing, evaluate's loss is the test/loss that fit reported.
-    if model is None:
-        smoothing = hparams.get("label_smoothing", 0.0)
-        model = MNISTClassifier(hparams["hidden1"], hparams["hidden2"], label_smoothing=smoothing)
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    net = MLP(hparams["hidden1"], hparams["hidden2"])
+    expected = {f"net.{k}": v for k, v in (like or net).state_dict().items()}
+    weights = {k: v for k, v in state.items() if not k.startswith(NOT_THE_NETWORK)}
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     if missing or unexpected:
         raise UserError(
             f"checkpoint {path} holds another network (missing {', '.join(missing) or 'nothing'}; "
             f"unexpected {', '.join(unexpected) or 'nothing'}); {WHAT_TO_DO}"
         )
     differ = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
-        if state[k].shape != v.shape
+        if weights[k].shape != v.shape
     ]
     if differ:
         raise UserError(
             f"checkpoint {path} was trained with other layer sizes: {'; '.join(differ)}; "
             f"set --model.hidden1/--model.hidden2 to match it, or {WHAT_TO_DO}"
         )
-    model.load_state_dict(state)
-    # Not the metrics' state: an epoch-less best accuracy is legitimately -inf.
-    bad = [f"net.{k}" for k, v in model.net.state_dict().items() if not torch.isfinite(v).all()]
+    bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
     if bad:
         raise UserError(f"checkpoint {path} holds NaN or infinite weights in {', '.join(bad)}; use an earlier one")
-    return model.eval(), (float(data["mean"]), float(data["std"])), {k: v for k, v in data.items() if k[0] != "_"}
+    net.load_state_dict({k.removeprefix("net."): v for k, v in weights.items()})
+    # LightningCLI's bookkeeping (keys starting with _) is no hyperparameter.
+    settings = {
+        group: {k: v for k, v in hp.items() if k[0] != "_"} for group, hp in (("data", data), ("model", hparams))
+    }
+    return net.eval(), (float(data["mean"]), float(data["std"])), settings

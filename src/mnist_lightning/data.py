@@ -10,54 +10,10 @@ from typing import Literal
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_convert
-from torchvision import datasets
 
 from mnist_lightning.errors import UserError
-
-# Both datasets share MNIST's file names; torchvision keeps each under <root>/<ClassName>/raw/.
-TORCHVISION_CLASSES = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
-FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the 60k training pixels scaled to [0, 1]
-
-
-def read_idx(path: Path, ndim: int) -> torch.Tensor:
-    """Read one uint8 IDX file, refusing anything whose header does not match its contents."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; download MNIST again or fix --data.data_dir") from None
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise UserError(f"{path} is empty or truncated ({len(raw)} bytes); delete it to download again")
-    if raw[:4] != bytes([0, 0, 0x08, ndim]):
-        raise UserError(
-            f"{path} is not a uint8 IDX file with {ndim} dimension(s) (magic {raw[:4].hex()}); "
-            "delete it to download again"
-        )
-    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + torch.Size(shape).numel()
-    if len(raw) != expected:
-        raise UserError(
-            f"{path} should be {expected} bytes for shape {tuple(shape)} but is {len(raw)}; "
-            "it is truncated or corrupt, delete it to download again"
-        )
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).view(shape)
-
-
-def load_split(raw_dir: Path, split: Literal["train", "test"]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode one split into uint8 images (N, 1, 28, 28) and int64 labels (N,), checked for consistency."""
-    images_file, labels_file = (raw_dir / name for name in FILES[split])
-    images, labels = read_idx(images_file, 3), read_idx(labels_file, 1)
-    if images.shape[1:] != (28, 28):
-        raise UserError(f"{images_file} holds {tuple(images.shape[1:])} images, expected 28x28")
-    if len(images) != len(labels):
-        raise UserError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels")
-    if len(labels) and labels.max() > 9:
-        raise UserError(f"{labels_file} holds label {int(labels.max())}; labels must be 0-9")
-    return images.unsqueeze(1), labels.long()
+from mnist_lightning.idx import FILES, FOLDERS, load_split, raw_dir
+from mnist_lightning.net import MNIST_MEAN, MNIST_STD, normalise
 
 
 class TensorBatches(Dataset):
@@ -89,9 +45,8 @@ class DeviceBatches(DistributedSampler):
     left uneven instead of padded with repeated images, which would count some test images twice.
     """
 
-    def __init__(self, dataset: TensorBatches, batch_size: int, num_replicas: int, rank: int, shuffle: bool):
-        # torch.initial_seed() is the run's --seed_everything.
-        super().__init__(dataset, num_replicas, rank, shuffle=shuffle, seed=torch.initial_seed())
+    def __init__(self, dataset: TensorBatches, batch_size: int, num_replicas: int, rank: int, shuffle: bool, seed: int):
+        super().__init__(dataset, num_replicas, rank, shuffle=shuffle, seed=seed)
         self.batch_size = batch_size
         if not shuffle:
             self.num_samples = len(range(rank, len(dataset), num_replicas))
@@ -131,7 +86,7 @@ class MNISTDataModule(L.LightningDataModule):
         self,
         data_dir: str = "data",
         dataset: Literal["mnist", "fashion_mnist"] = "mnist",
-        batch_size: int = 64,
+        batch_size: int = 128,
         batch_size_scope: Literal["global", "device"] = "global",
         eval_batch_size: int = 1000,
         val_size: int = 5000,
@@ -140,8 +95,8 @@ class MNISTDataModule(L.LightningDataModule):
         split_seed: int = 42,
     ):
         super().__init__()
-        if dataset not in TORCHVISION_CLASSES:
-            raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(TORCHVISION_CLASSES)}")
+        if dataset not in FOLDERS:
+            raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(FOLDERS)}")
         for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if size <= 0:
                 raise UserError(f"{name} must be positive, got {size}")
@@ -150,13 +105,16 @@ class MNISTDataModule(L.LightningDataModule):
         if std <= 0:
             raise UserError(f"std must be positive, got {std}")
         self.save_hyperparameters()
-        self.raw_dir = Path(data_dir) / TORCHVISION_CLASSES[dataset].__name__ / "raw"
+        self.raw_dir = raw_dir(data_dir, dataset)
 
     def prepare_data(self) -> None:
         """Download the four files if any is missing (Lightning runs this on one process per node)."""
         if all((self.raw_dir / name).is_file() for split in FILES.values() for name in split):
             return
+        from torchvision import datasets  # only to download: it takes a second to import
+
         self.raw_dir.mkdir(parents=True, exist_ok=True)
+        download = getattr(datasets, FOLDERS[self.hparams.dataset])
         # Download into a scratch folder and move whole files in, so a killed download or a
         # concurrent run never sees a half-written file. torchvision checks each archive's md5.
         with tempfile.TemporaryDirectory(dir=self.raw_dir) as tmp:
@@ -165,8 +123,8 @@ class MNISTDataModule(L.LightningDataModule):
                     contextlib.redirect_stdout(io.StringIO()),
                     contextlib.redirect_stderr(io.StringIO()),
                 ):
-                    TORCHVISION_CLASSES[self.hparams.dataset](tmp, train=True, download=True)
-                    TORCHVISION_CLASSES[self.hparams.dataset](tmp, train=False, download=True)
+                    download(tmp, train=True, download=True)
+                    download(tmp, train=False, download=True)
             except (RuntimeError, OSError) as err:
                 names = ", ".join(name for split in FILES.values() for name in split)
                 reason = str(err).strip().splitlines()[-1].strip()  # torchvision lists every mirror tried
@@ -181,26 +139,31 @@ class MNISTDataModule(L.LightningDataModule):
                     shutil.move(downloaded / name, self.raw_dir / name)
 
     def setup(self, stage: str) -> None:
-        """Decode, move to the training device, normalise and split; every rank gets the same split."""
-        if hasattr(self, "train_set"):
-            return
+        """Decode the split a stage needs, move it to the training device, normalise it; for fit, split off
+        the validation images, the same on every rank."""
         # With a GPU the whole set lives on it, and so does each epoch's order (see DeviceBatches).
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         mean, std, val_size = self.hparams.mean, self.hparams.std, self.hparams.val_size
-
-        def normalised(images: torch.Tensor, labels: torch.Tensor) -> TensorBatches:
-            return TensorBatches(images.to(device).float().div_(255).sub_(mean).div_(std), labels.to(device))
-
-        images, labels = load_split(self.raw_dir, "train")
-        test = load_split(self.raw_dir, "test")
-        if val_size >= len(labels):
-            raise UserError(f"val_size {val_size} leaves no training data: the set has {len(labels)} images")
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.hparams.split_seed))
-        val, train = order[:val_size], order[val_size:]
-        # Split the bytes, then normalise: the gather moves a quarter of the memory it would as floats.
-        self.train_set = normalised(images.index_select(0, train), labels[train])
-        self.val_set = normalised(images.index_select(0, val), labels[val])
-        self.test_set = normalised(*test)
+        if stage in ("fit", "validate") and not hasattr(self, "train_set"):
+            images, labels = load_split(self.raw_dir, "train")
+            if val_size >= len(labels):
+                raise UserError(f"val_size {val_size} leaves no training data: the set has {len(labels)} images")
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.hparams.split_seed))
+            val, train = order[:val_size], order[val_size:]
+            # Split the bytes, then normalise: the gather moves a quarter of the memory it would as floats.
+            self.train_set = TensorBatches(
+                normalise(images.index_select(0, train).to(device), mean, std), labels[train].to(device)
+            )
+            self.val_set = TensorBatches(
+                normalise(images.index_select(0, val).to(device), mean, std), labels[val].to(device)
+            )
+            # The shuffle's seed, the same on every rank (which each take their shard of one order):
+            # the run's seed, or with --seed_everything false a seed drawn on rank zero.
+            seed = torch.initial_seed() % 2**63
+            self.shuffle_seed = int(self.trainer.strategy.broadcast(seed)) if self.trainer else seed
+        if stage in ("test", "predict") and not hasattr(self, "test_set"):
+            images, labels = load_split(self.raw_dir, "test")
+            self.test_set = TensorBatches(normalise(images.to(device), mean, std), labels.to(device))
 
     def _batch_size(self) -> int:
         world_size = self.trainer.world_size if self.trainer else 1
@@ -219,7 +182,7 @@ class MNISTDataModule(L.LightningDataModule):
             # Lightning swaps any sampler but a SequentialSampler for one here, which with the batches
             # below would feed single images; so batch the plain way, in order.
             return DataLoader(dataset, batch_size, collate_fn=default_convert)
-        batches = DeviceBatches(dataset, batch_size, world_size, rank, shuffle)
+        batches = DeviceBatches(dataset, batch_size, world_size, rank, shuffle, getattr(self, "shuffle_seed", 0))
         # batch_size=None: the sampler's items are whole batches, passed through as they come.
         return DataLoader(dataset, batch_size=None, sampler=batches, collate_fn=default_convert)
 

@@ -1,7 +1,8 @@
 """One clear line for mistakes a user can fix; the traceback only with --verbose."""
 
-import gc
+import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,20 @@ class UserError(Exception):
 def usage_error(err: Exception) -> UserError:
     """A command-line parsing error as one line (jsonargparse's can span several), instead of the usage."""
     return UserError(f"{' '.join(str(err).split())} (see --help)")
+
+
+def checks_an_argument(err: Exception) -> bool:
+    """Whether Lightning raised it while checking the Trainer's arguments (a strategy or precision name, ...)."""
+    where = traceback.extract_tb(err.__traceback__)[-1].filename.replace("\\", "/")
+    return "lightning/pytorch/trainer/connectors/" in where or where.endswith("lightning/fabric/connector.py")
+
+
+def config_error(err: Exception) -> UserError:
+    """Lightning's verdict on an option, as one line, with a hint where it concerns the hardware."""
+    message = " ".join(str(err).split())  # Lightning's messages can span lines
+    if re.search(r"accelerator|strateg|backend|\b(devices?|gpus?|cuda|mps|tpus?)\b", message, re.IGNORECASE):
+        message += " (check --trainer.accelerator, --trainer.devices, --trainer.strategy)"
+    return UserError(message)
 
 
 def write_output(path: Path, content: str | bytes) -> None:
@@ -27,12 +42,8 @@ def write_output(path: Path, content: str | bytes) -> None:
 
 
 def run_main(main: Callable[[list[str]], object], args: list[str] | None = None) -> None:
-    """Call ``main(args)`` and turn a UserError or OSError into ``error: ...`` on stderr and exit status 2.
-
-    Without ``args`` (a command, about to exit) it also spares the exit Python's last search for garbage.
-    """
-    command_line = args is None
-    args = sys.argv[1:] if command_line else list(args)
+    """Call ``main(args)`` and turn a UserError or OSError into ``error: ...`` on stderr and exit status 2."""
+    args = sys.argv[1:] if args is None else list(args)
     verbose = "--verbose" in args
     args = [a for a in args if a != "--verbose"]
     try:
@@ -44,9 +55,3 @@ def run_main(main: Callable[[list[str]], object], args: list[str] | None = None)
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    finally:
-        if command_line:
-            # At exit Python walks every object torch and Lightning made, looking for cycles to free:
-            # 0.7 s of every command here. The process is ending and the OS frees its memory, so take
-            # them out of that walk. atexit handlers (logger uploads, say) and module teardown still run.
-            gc.freeze()

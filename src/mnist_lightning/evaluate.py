@@ -1,58 +1,77 @@
 """Where a checkpoint fails on the test set: ``python -m mnist_lightning.evaluate --ckpt_path PATH [--help]``.
 
 Prints accuracy and loss, per-class accuracy, precision and recall, and the confusion matrix, and writes
-them to JSON (by default ``<checkpoint>.eval.json`` beside the checkpoint). ``--data.*`` options work as
-in fit, less the training batch's; their defaults are those the checkpoint was trained with. ``--verbose``
-shows an error's traceback.
+them to JSON (by default ``<checkpoint>.eval.json`` beside the checkpoint). The ``--data.*`` options that
+concern the test set work as in fit; their defaults are those the checkpoint was trained with. Only torch
+is imported, not Lightning, and only the test files are read. ``--verbose`` shows an error's traceback.
 """
 
 import argparse
-import inspect
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from jsonargparse import ArgumentError, ArgumentParser
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mnist_lightning.checkpoint import load_checkpoint
-from mnist_lightning.data import MNISTDataModule
-from mnist_lightning.errors import run_main, usage_error, write_output
+from mnist_lightning.errors import UserError, run_main, usage_error, write_output
+from mnist_lightning.idx import load_split, raw_dir
+from mnist_lightning.net import MNIST_MEAN, MNIST_STD, normalise
 
 
-def evaluate(model, data: MNISTDataModule) -> dict:
-    """Run the test set through the model; every per-class figure comes from the confusion matrix."""
-    data.prepare_data()
-    data.setup("test")
-    confusion, loss = MulticlassConfusionMatrix(10), MeanMetric()
+def evaluate(net, data: dict, label_smoothing: float = 0.0) -> dict:
+    """Run the test set through the network; every per-class figure comes from the confusion matrix."""
+    images, labels = load_split(raw_dir(data["data_dir"], data["dataset"]), "test")
+    matrix, loss = torch.zeros(10, 10, dtype=torch.long), 0.0
     with torch.inference_mode():
-        for x, y in data.test_dataloader():
-            logits = model(x)
-            confusion.update(logits, y)
-            loss.update(model.loss(logits, y), weight=len(y))
-    matrix = confusion.compute()  # rows: true class, columns: predicted class
-    correct, images, predicted = matrix.diag().tolist(), matrix.sum(1).tolist(), matrix.sum(0).tolist()
-    per_class = [
+        for x, y in zip(images.split(data["eval_batch_size"]), labels.split(data["eval_batch_size"]), strict=True):
+            logits = net(normalise(x, data["mean"], data["std"]))
+            # Rows: true class, columns: predicted class.
+            matrix += torch.bincount(y * 10 + logits.argmax(1), minlength=100).view(10, 10)
+            loss += float(F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="sum"))
+    classes = {k: v.tolist() for k, v in per_class(matrix).items()}
+    per_class_rows = [
         {
             "class": c,
-            "images": images[c],
-            "predicted": predicted[c],
-            "correct": correct[c],
-            # A class's accuracy is the share of its images read correctly, which is its recall.
-            "accuracy": correct[c] / images[c] if images[c] else None,
-            "precision": correct[c] / predicted[c] if predicted[c] else None,
-            "recall": correct[c] / images[c] if images[c] else None,
+            "images": int(classes["images"][c]),
+            "predicted": int(classes["predicted"][c]),
+            "correct": int(classes["correct"][c]),
+            "accuracy": none_if_nan(classes["recall"][c]),  # a class's accuracy is its recall
+            "precision": none_if_nan(classes["precision"][c]),
+            "recall": none_if_nan(classes["recall"][c]),
         }
         for c in range(10)
     ]
     return {
-        "images": sum(images),
-        "accuracy": sum(correct) / sum(images),
-        "loss": float(loss.compute()),
-        "per_class": per_class,
+        "images": len(labels),
+        "accuracy": int(matrix.diag().sum()) / len(labels),
+        "loss": loss / len(labels),
+        "per_class": per_class_rows,
         "confusion_matrix": matrix.tolist(),
     }
+
+
+def per_class(matrix: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each class's figures from a confusion matrix (rows: true class, columns: predicted).
+
+    A class's accuracy is the share of its images read correctly, which is its recall. Recall is NaN
+    for a class with no images, precision for a class never predicted.
+    """
+    matrix = matrix.double()
+    correct, images, predicted = matrix.diag(), matrix.sum(1), matrix.sum(0)
+    return {
+        "images": images,
+        "predicted": predicted,
+        "correct": correct,
+        "recall": correct / images,
+        "precision": correct / predicted,
+    }
+
+
+def none_if_nan(x: float) -> float | None:
+    return None if x != x else x
 
 
 def report(result: dict) -> str:
@@ -91,20 +110,28 @@ def cli_main(args: list[str] | None = None) -> dict:
     )
     parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by mnist_lightning.fit")
     parser.add_argument("--output", type=str | None, default=None, help="JSON file (default: beside the checkpoint)")
-    # The training batch options would do nothing here: the test set goes by --data.eval_batch_size.
-    training_only = {"batch_size", "batch_size_scope"}
-    parser.add_class_arguments(MNISTDataModule, "data", skip=training_only)
-    model = None
+    # fit's --data.* options that concern the test set; the training batch would do nothing here.
+    parser.add_argument("--data.data_dir", type=str, default="data", help="folder holding MNIST/raw/")
+    parser.add_argument("--data.dataset", type=Literal["mnist", "fashion_mnist"], default="mnist")
+    parser.add_argument("--data.eval_batch_size", type=int, default=1000, help="images per model call")
+    parser.add_argument("--data.mean", type=float, default=MNIST_MEAN, help="pixel mean used for normalisation")
+    parser.add_argument("--data.std", type=float, default=MNIST_STD, help="pixel standard deviation")
+    net, label_smoothing = None, 0.0
     if ckpt_path:
-        model, _, saved = load_checkpoint(ckpt_path)
-        known = inspect.signature(MNISTDataModule).parameters.keys() - training_only
-        parser.set_defaults({f"data.{k}": v for k, v in saved.items() if k in known})
+        net, _, saved = load_checkpoint(ckpt_path)
+        label_smoothing = saved["model"].get("label_smoothing", 0.0)
+        options = ("data_dir", "dataset", "eval_batch_size", "mean", "std")
+        parser.set_defaults({f"data.{k}": v for k, v in saved["data"].items() if k in options})
     try:
         config = parser.parse_args(args)
     except ArgumentError as err:
         raise usage_error(err) from None
-    data = MNISTDataModule(**config.data.as_dict())
-    result = {"checkpoint": config.ckpt_path, "data": config.data.as_dict(), **evaluate(model, data)}
+    data = config.data.as_dict()
+    if data["eval_batch_size"] <= 0:
+        raise UserError(f"eval_batch_size must be positive, got {data['eval_batch_size']}")
+    if not data["std"] > 0:
+        raise UserError(f"std must be positive, got {data['std']}")
+    result = {"checkpoint": config.ckpt_path, "data": data, **evaluate(net, data, label_smoothing)}
     print(report(result))
     output = Path(config.output or Path(config.ckpt_path).with_name(Path(config.ckpt_path).stem + ".eval.json"))
     write_output(output, json.dumps(result, indent=2) + "\n")

@@ -16,6 +16,7 @@ from torch import nn
 
 from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.errors import UserError, run_main, write_output
+from mnist_lightning.net import normalise
 
 TOLERANCE = 1e-4  # on the logits; float32 kernels of different runtimes differ by ~1e-6
 
@@ -33,8 +34,7 @@ class RawPixels(nn.Module):
         self.net, self.mean, self.std = net, mean, std
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        # The same operations, in the same order, as MNISTDataModule's normalisation.
-        return self.net(pixels.div(255).sub(self.mean).div(self.std))
+        return self.net(normalise(pixels, self.mean, self.std))
 
 
 def to_onnx(module: nn.Module, example: torch.Tensor, input_name: str) -> bytes:
@@ -75,11 +75,11 @@ def run_torchscript(exported: bytes, x: torch.Tensor) -> torch.Tensor:
 
 def export(ckpt_path: str, kind: str, normalised_input: bool = False) -> tuple[bytes, float]:
     """The exported file's bytes and its max abs difference from PyTorch on a batch of 7 random images."""
-    model, (mean, std), _ = load_checkpoint(ckpt_path)
-    module = model.net if normalised_input else RawPixels(model.net, mean, std)
+    net, (mean, std), _ = load_checkpoint(ckpt_path)
+    module = net if normalised_input else RawPixels(net, mean, std)
     # Pixels that look like an image's, so the check exercises the normalisation as well.
     pixels = torch.randint(0, 256, (7, 1, 28, 28), generator=torch.Generator().manual_seed(0)).float()
-    x = pixels.sub(mean * 255).div(std * 255) if normalised_input else pixels
+    x = normalise(pixels, mean, std) if normalised_input else pixels
     with torch.inference_mode():
         expected = module(x)
     # Traced with a batch of 2, checked with 7: the batch dimension must really be dynamic.

@@ -19,6 +19,8 @@ class LossAndAccuracy(Metric):
             self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
+        if not len(target):  # a DDP rank's empty share of a tiny set: its mean loss is NaN, and counts 0
+            return
         # No NaN test here (it would wait for the device every step): a NaN loss makes the mean NaN.
         # In place, the batch size as add_'s alpha: no temporary, and no `self.x = ...` through
         # nn.Module.__setattr__ (18 -> 13 us an update on a 2-core CPU).

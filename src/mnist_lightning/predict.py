@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.errors import UserError, run_main, write_output
+from mnist_lightning.net import normalise
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}  # what a folder is searched for
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo; anything bigger is refused as a likely decompression bomb
@@ -93,11 +94,6 @@ def read_image(path: Path) -> np.ndarray:
         raise UserError(f"corrupt image ({type(err).__name__}: {err})") from None
 
 
-def normalise(images: np.ndarray, mean: float, std: float) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> the float (N, 1, 28, 28) input, by the very operations MNISTDataModule uses."""
-    return torch.from_numpy(images).unsqueeze(1).float().div_(255).sub_(mean).div_(std)
-
-
 def find_images(inputs: list[str]) -> list[Path]:
     """Named files as given, folders searched recursively for image files."""
     paths = []
@@ -146,7 +142,7 @@ def cli_main(args: list[str] | None = None) -> list[dict]:
             continue
         images = np.stack(images)
         with torch.inference_mode():
-            top = model(normalise(images, mean, std)).softmax(1).topk(3)
+            top = model(normalise(torch.from_numpy(images).unsqueeze(1), mean, std)).softmax(1).topk(3)
         for path, image, probs, digits in zip(batch, images, top.values.tolist(), top.indices.tolist(), strict=True):
             top3 = list(zip(digits, probs, strict=True))
             row = {"path": str(path), "digit": digits[0], "probability": probs[0], "top3": top3}

@@ -2,10 +2,14 @@
 
 import numpy as np
 import torch
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from mnist_lightning.evaluate import per_class
 
 CELL = 28  # pixels per confusion-matrix cell and per (upscaled) digit
 MISTAKES_SHOWN = 64  # misread test digits pictured
@@ -59,6 +63,48 @@ def mistakes_image(images: torch.Tensor, true: torch.Tensor, predicted: torch.Te
         image.paste(digit, (left, top))
         draw.text((left + 18, top + 2 * CELL), f"{t}>{p}", fill="red", font=font)
     return np.asarray(image)
+
+
+class HParams(Callback):
+    """Registers the run in TensorBoard's HPARAMS tab, with the model's and the data's settings."""
+
+    def on_train_start(self, trainer: Trainer, pl_module) -> None:
+        if isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero:
+            data = trainer.datamodule.hparams if trainer.datamodule else {}
+            params = {
+                f"{group}/{k}": v
+                for group, hp in (("model", pl_module.hparams), ("data", data))
+                for k, v in hp.items()
+                if not k.startswith("_")  # LightningCLI's bookkeeping, not a hyperparameter
+            }
+            log_hparams(trainer.logger, params, ["val/acc_best", "test/acc"])
+
+
+class TestPictures(Callback):
+    """Per-digit test accuracy, and in TensorBoard the confusion matrix and the first misread digits."""
+
+    def on_test_start(self, trainer: Trainer, pl_module) -> None:
+        # validate_args=False: the argument checks would sync with the device on every update.
+        self.confusion = MulticlassConfusionMatrix(10, validate_args=False).to(pl_module.device)
+        self.mistakes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.shown = 0
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        x, y = batch
+        predicted = outputs.argmax(1)
+        self.confusion.update(predicted, y)
+        if self.shown < MISTAKES_SHOWN:
+            wrong = predicted != y
+            self.mistakes.append((x[wrong], y[wrong], predicted[wrong]))
+            self.shown += len(self.mistakes[-1][1])  # a host sync, on the first batches only
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module) -> None:
+        matrix = self.confusion.compute()  # summed over DDP ranks
+        for digit, accuracy in enumerate(per_class(matrix)["recall"].float()):
+            pl_module.log(f"test/acc_digit_{digit}", accuracy, sync_dist=True)  # equal on every rank already
+        if isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero:
+            log_test_pictures(trainer.logger.experiment, matrix, self.mistakes, trainer.global_step)
+        self.mistakes.clear()
 
 
 def log_test_pictures(

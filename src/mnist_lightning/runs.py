@@ -1,48 +1,72 @@
-"""Run folders: which ``lightning_logs/version_N`` a run writes to, and checks that it can."""
+"""Run folders: which one a run writes to, resuming a run as it was configured, and cleaning up after a
+failure without ever deleting what this process did not write; checkpoints written atomically."""
 
+import json
 import os
+import shutil
 from pathlib import Path
 
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from mnist_lightning.errors import UserError
 
+# What a run writes into its folder; a failed run's folder holding anything else is left alone.
+RUN_FILES = ("config.yaml", "hparams.yaml", "metrics.json", "events.out.tfevents.*", "checkpoints/*.ckpt")
 
-def resolve_resume(root: Path, ckpt_path: str | None) -> tuple[str | None, int | None]:
-    """The checkpoint to resume from and the version folder to log into.
 
-    Resuming from ``<root>/version_N/checkpoints/*.ckpt`` continues in version_N, so TensorBoard
-    shows one curve. A new run gets a new folder, created here with mkdir, which fails for all but
-    one of several runs started at once. Only rank zero creates folders; other ranks learn the
-    folder from it through Lightning's broadcasts.
+def find_last(root: Path, logger) -> Path:
+    """``--ckpt_path last``: the newest last.ckpt of the runs under ``--trainer.default_root_dir``."""
+    if logger in (None, True):  # the default logger: lightning_logs/version_N/checkpoints/
+        found = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    elif logger is False:  # no logger: Lightning writes the checkpoints to ROOT/checkpoints/
+        found = [p for p in [root / "checkpoints" / "last.ckpt"] if p.is_file()]
+    else:
+        raise UserError("--ckpt_path last finds the runs of the default logger only; pass the checkpoint's path")
+    if not found:
+        raise UserError(f"--ckpt_path last: no run in {root}/ has a checkpoints/last.ckpt to resume from")
+    run = found[-1].parents[1]
+    if (run / "metrics.json").exists():
+        if scheduler(run) == "none":
+            advice = f"to train it further pass --ckpt_path {found[-1]} with a larger --trainer.max_epochs"
+        else:
+            advice = "its one-cycle schedule cannot be extended: start a new run with a larger --trainer.max_epochs"
+        raise UserError(f"--ckpt_path last: the newest run with a last.ckpt, {run}, has finished; {advice}")
+    return found[-1]
+
+
+def saved_config(ckpt_path: str) -> Path | None:
+    """The config.yaml of the run a checkpoint belongs to (RUN/checkpoints/NAME.ckpt), if it has one."""
+    ckpt = Path(ckpt_path)
+    config = ckpt.parent.parent / "config.yaml"
+    return config if ckpt.parent.name == "checkpoints" and config.is_file() else None
+
+
+def scheduler(run: Path) -> str | None:
+    import yaml  # jsonargparse's own YAML reader
+
+    try:
+        return yaml.safe_load((run / "config.yaml").read_text())["model"]["scheduler"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
+def version_for(root: Path, ckpt_path: str | None) -> tuple[int | None, bool]:
+    """The version folder under ``root`` (``.../lightning_logs``) to log into, and whether this process made it.
+
+    Resuming from ``<root>/version_N/checkpoints/*.ckpt`` continues in version_N, so TensorBoard shows
+    one curve. A new run gets a new folder, created here with mkdir, which fails for all but one of
+    several runs started at once. Only rank zero creates folders; the other ranks learn the folder
+    from it through Lightning's broadcasts.
     """
-    if ckpt_path == "last":
-        found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise UserError(f"--ckpt_path last: no run in {root}/ has a checkpoints/last.ckpt to resume from")
-        if (found[-1].parents[1] / "metrics.json").exists():
-            raise UserError(
-                f"--ckpt_path last: the newest run with a last.ckpt, {found[-1].parents[1]}, has finished; "
-                "to train it further pass its checkpoint path explicitly with a larger --trainer.max_epochs"
-            )
-        ckpt_path = str(found[-1])
     if ckpt_path is not None:
         folder = Path(ckpt_path).resolve().parent.parent
         if folder.parent == root.resolve() and folder.name.removeprefix("version_").isdigit():
-            return ckpt_path, int(folder.name.removeprefix("version_"))
-        return ckpt_path, None if rank_zero_only.rank else claim_version(root)
-    return None, None if rank_zero_only.rank else claim_version(root)
-
-
-def ensure_writable(folder: Path, option: str) -> None:
-    """Fail before training, not at the first checkpoint an epoch later."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"cannot write to {folder} ({err.strerror}); pass {option} DIR you can write") from None
+            return int(folder.name.removeprefix("version_")), False
+    if rank_zero_only.rank:
+        return None, False
+    return claim_version(root), True
 
 
 def claim_version(root: Path) -> int:
@@ -59,3 +83,61 @@ def claim_version(root: Path) -> int:
         raise UserError(
             f"cannot create a run folder in {root}/ ({err.strerror}); pass --trainer.default_root_dir DIR you can write"
         ) from None
+
+
+def release(folder: Path) -> None:
+    """Delete the folder of a run that failed before it trained a step, if it holds only what a run writes.
+
+    Called only for a folder this process created; anything else in it (a user's file) keeps it all.
+    """
+    if not folder.is_dir():
+        return
+    ours = {p for pattern in RUN_FILES for p in folder.glob(pattern)} | {folder / "checkpoints"}
+    if all(p in ours for p in folder.rglob("*")):
+        shutil.rmtree(folder)
+
+
+def write_metrics(run: Path, result: dict) -> None:
+    try:
+        (run / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as err:
+        raise UserError(f"could not write {run}/metrics.json ({err.strerror}); the checkpoints are kept") from None
+
+
+def ensure_writable(folder: Path, option: str) -> None:
+    """Fail before training, not at the first checkpoint an epoch later."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to {folder} ({err.strerror}); pass {option} DIR you can write") from None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file beside it, syncs it, then renames it into place.
+
+    A kill at any moment leaves the old file or the new one, never a torn one. Lightning's own
+    writer stages in the system temp folder and moves from there, which on another file system is a
+    plain copy. A full disk keeps the old file and stops the run with one line.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
+                stale.unlink(missing_ok=True)
+            with open(temporary, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except OSError as err:
+            temporary.unlink(missing_ok=True)
+            raise UserError(
+                f"could not write checkpoint {path} ({err.strerror}); any earlier one is kept. "
+                "Free some space or pass --trainer.default_root_dir DIR"
+            ) from None

@@ -1,0 +1,79 @@
+"""The command line of fit: LightningCLI, plus the checkpoint options, resuming and the run's Trainer."""
+
+import sys
+from pathlib import Path
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from mnist_lightning import runs, speedups
+from mnist_lightning.errors import checks_an_argument, config_error
+
+
+class MNISTCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Not add_lightning_class_args: these checkpoints are left out with --trainer.enable_checkpointing false.
+        parser.add_class_arguments(ModelCheckpoint, "checkpoint", fail_untyped=False, sub_configs=True)
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": False,  # last.ckpt has a callback of its own, below
+                "checkpoint.filename": "best-epoch{epoch}-val_acc{val/acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="checkpoint to resume from, or 'last' for the newest run's last.ckpt; "
+            "the run continues in its folder, with its config.yaml under the options given",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        ckpt_path = self.config.ckpt_path
+        if ckpt_path == "last":
+            root = Path(self.config.trainer.default_root_dir or ".")
+            ckpt_path = str(runs.find_last(root, self.config.trainer.logger))
+        saved = runs.saved_config(ckpt_path) if ckpt_path else None
+        if saved:  # a resume continues the run as it was configured, the options given on top
+            super().parse_arguments(parser, ["--config", str(saved), *args, "--ckpt_path", ckpt_path])
+        self.config.ckpt_path = ckpt_path
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        config, theirs = self.config.trainer, self.config_init.trainer.get("callbacks") or []
+        theirs = theirs if isinstance(theirs, list) else [theirs]
+        their_bar = any(isinstance(c, ProgressBar) for c in theirs)
+        # Unless set, a bar shows on a terminal (the bar draws on stdout), or wherever the user's
+        # --trainer.callbacks bring one; elsewhere EpochTimer prints a line per epoch.
+        show_bar = config.enable_progress_bar
+        show_bar = sys.stdout.isatty() or their_bar if show_bar is None else show_bar
+        ours = []
+        if config.enable_checkpointing is not False:
+            # last.ckpt after every epoch, for resuming: save_last=True on the val/acc checkpoint would
+            # only refresh it in the epochs that improve val/acc.
+            ours = [self.config_init.checkpoint, ModelCheckpoint(filename="last", enable_version_counter=False)]
+        faster = speedups.trainer_kwargs(config.profiler, show_bar, their_bar)
+        kwargs["callbacks"] = theirs + ours + faster.pop("callbacks", [])
+        kwargs.update(faster, enable_progress_bar=show_bar)
+        self.claimed = None
+        if config.logger in (None, True):  # the default logger, not one the user configured
+            root = Path(config.default_root_dir or ".").resolve() / "lightning_logs"
+            version, created = runs.version_for(root, self.config.ckpt_path)
+            kwargs["logger"] = TensorBoardLogger(root.parent, version=version, default_hp_metric=False)
+            self.claimed = root / f"version_{version}" if created else None
+        if config.plugins is None:
+            kwargs["plugins"] = [runs.AtomicCheckpointIO()]
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as err:
+            if self.claimed:
+                runs.release(self.claimed)
+            if isinstance(err, MisconfigurationException) or checks_an_argument(err):
+                raise config_error(err) from err
+            raise
