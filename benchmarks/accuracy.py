@@ -42,13 +42,13 @@ def main() -> None:
     parser.add_argument("data_dir", help="folder holding MNIST/raw/")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--tutorial", action="store_true", help="also run the seed tutorial's own loop (~20 s/seed here)"
+        "--tutorial", action="store_true", help="also run the PyTorch MNIST tutorial's own loop (~20 s/seed here)"
     )
     parser.add_argument("--extra", nargs="*", default=[], help="NAME=ARGS: more fit variants, e.g. bs512='...'")
     args = parser.parse_args()
     data_dir = str(Path(args.data_dir).resolve())
     print(f"seeds {args.seeds}\n\n| run | test acc % (mean) | min-max | seconds (whole process) |\n|---|---|---|---|")
-    report("fit, configs/default.yaml", [fit(data_dir, s) for s in args.seeds])
+    report("fit, the defaults", [fit(data_dir, s) for s in args.seeds])
     report(
         "fit, configs/seed.yaml",
         [fit(data_dir, s, "--config", str(CONFIGS / "seed.yaml")) for s in args.seeds],
@@ -58,7 +58,7 @@ def main() -> None:
         report(f"fit, {name}", [fit(data_dir, s, *options.split()) for s in args.seeds])
     if args.tutorial:
         report(
-            "seed tutorial (plain PyTorch, train loop only)",
+            "the PyTorch MNIST tutorial (plain PyTorch, train loop only)",
             [(r["test_acc"], r["train_s"]) for r in (tutorial(data_dir, seed=s) for s in args.seeds)],
         )
 

@@ -2,13 +2,16 @@
 
 (a) predict on a folder of PNGs written from the real test set: reading, preprocessing, the model and
     one printed line per image, timed in-process and as a whole ``python -m mnist_lightning.predict``;
-(b) batch inference of the exported graph (raw pixels in, logits out) in PyTorch, ONNX Runtime and
+(b) predict on one image as a whole process, beside ``import torch`` alone (``--against SRC``: and predict
+    from another checkout, e.g. an older commit's worktree);
+(c) batch inference of the exported graph (raw pixels in, logits out) in PyTorch, ONNX Runtime and
     TorchScript, at batch 1 and 1024.
 """
 
 import argparse
 import contextlib
 import io
+import os
 import statistics
 import subprocess
 import sys
@@ -22,8 +25,8 @@ from PIL import Image
 
 from mnist_lightning import predict
 from mnist_lightning.checkpoint import load_checkpoint
-from mnist_lightning.data import load_split
 from mnist_lightning.export import RawPixels, to_onnx, to_torchscript
+from mnist_lightning.idx import load_split
 
 
 def median_call(run, batches: list, passes: int = 3) -> float:
@@ -61,9 +64,30 @@ def predict_throughput(ckpt: str, images: torch.Tensor, labels: torch.Tensor) ->
     )
 
 
+def start_up(ckpt: str, image: torch.Tensor, against: str | None, runs: int = 5) -> None:
+    """predict on one image as a whole process, beside importing torch alone: what a user waits for."""
+    commands = {"python -c 'import torch'": ([sys.executable, "-c", "import torch"], None)}
+    with tempfile.TemporaryDirectory() as tmp:
+        Image.fromarray(image.numpy()).save(f"{tmp}/one.png")
+        predict_one = [sys.executable, "-m", "mnist_lightning.predict", "--ckpt_path", ckpt, f"{tmp}/one.png"]
+        commands["predict, one image"] = (predict_one, None)
+        if against:
+            env = {**os.environ, "PYTHONPATH": str(Path(against, "src").resolve())}
+            commands[f"predict, one image [{against}]"] = (predict_one, env)
+        seconds = {name: [] for name in commands}
+        for _ in range(runs):  # taking turns, so that a slow spell hits them alike
+            for name, (cmd, env) in commands.items():
+                start = time.perf_counter()
+                subprocess.run(cmd, check=True, capture_output=True, env=env)
+                seconds[name].append(time.perf_counter() - start)
+    print(f"\n| whole process | median of {runs} s | min-max s |\n|---|---:|---:|")
+    for name, times in seconds.items():
+        print(f"| {name} | {statistics.median(times):.2f} | {min(times):.2f}-{max(times):.2f} |")
+
+
 def batch_throughput(ckpt: str, pixels: torch.Tensor) -> None:
-    model, (mean, std), _ = load_checkpoint(ckpt)
-    module = RawPixels(model.net, mean, std).eval()
+    net, (mean, std), _ = load_checkpoint(ckpt)
+    module = RawPixels(net, mean, std).eval()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same threads for every runtime
     session = onnxruntime.InferenceSession(to_onnx(module, pixels[:2], "pixels"), options, ["CPUExecutionProvider"])
@@ -90,11 +114,13 @@ def main() -> None:
     parser.add_argument("data_dir", help="folder holding MNIST/raw/")
     parser.add_argument("--images", type=int, default=10000, help="how many test images to write as PNGs")
     parser.add_argument("--threads", type=int, help="CPU threads for all runtimes (default: PyTorch's choice)")
+    parser.add_argument("--against", metavar="SRC", help="also time predict's start-up from this checkout's src/")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     images, labels = load_split(Path(args.data_dir) / "MNIST" / "raw", "test")
     predict_throughput(args.ckpt, images[: args.images], labels[: args.images])
+    start_up(args.ckpt, images[0, 0], args.against)
     batch_throughput(args.ckpt, images.float())
 
 

@@ -4,6 +4,10 @@ Every variant is its own process, timed from launch to exit, with its peak RSS f
   (a) the seed tutorial: per-sample ToTensor + Normalize, DataLoader, plain loop (CPU only)
   (b) the lower bound: plain loop over in-memory tensors, index-sliced batches, no DataLoader
   (c) ``python -m mnist_lightning.fit``: validation, TensorBoard, checkpoints and the final test included
+With --speedups-off, each (c) runs again with MNIST_LIGHTNING_SPEEDUPS=none (what speedups.py buys), and
+the default as shipped once more without each speedup in turn (what each one buys; the progress bar's only
+shows on a terminal, and these runs write to a pipe);
+with --against SRC, again from another checkout's src/ (e.g. a worktree of an older commit, side by side).
 The training-loop time of (c) is the sum of its epochs, each with its validation and checkpoint, without the
 one-time setup (decoding the files) that (b) also leaves out. With --compile [MODE], (b) and (c) both run the
 network through torch.compile and their loop time is epochs 2..E scaled to E epochs, leaving compilation out.
@@ -24,14 +28,15 @@ from pathlib import Path
 from baselines import COMPILE_MODES, loop_seconds
 
 HERE = Path(__file__).resolve().parent
+SPEEDUPS = ("hook_names", "profiler", "nvml", "progress_bar", "exit_gc")  # speedups.NAMES, without importing it
 FLOPS_PER_SAMPLE = 6 * (784 * 128 + 128 * 64 + 64 * 10)  # forward + backward of the MLP's matmuls
 
 
-def timed(cmd: list[str], cwd: str) -> tuple[float, float, str]:
+def timed(cmd: list[str], cwd: str, env: dict | None = None) -> tuple[float, float, str]:
     """Run cmd; return (wall seconds, peak RSS in MiB, stdout)."""
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: nobody reads it until the end
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
@@ -57,14 +62,16 @@ def baseline(which: str, data_dir: str, batch_size: int, epochs: int, device: st
     return {"wall_s": wall, "rss_mib": rss, **json.loads(out.strip().splitlines()[-1])}
 
 
-def lightning_fit(data_dir: str, batch_size: int | None, epochs: int, device: str, *extra: str) -> dict:
+def lightning_fit(
+    data_dir: str, batch_size: int | None, epochs: int, device: str, *extra: str, env: dict | None = None
+) -> dict:
     accelerator = "gpu" if device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "mnist_lightning.fit", *extra, "--data.data_dir", data_dir]
         cmd += ["--data.batch_size", str(batch_size)] if batch_size else []
         cmd += ["--trainer.max_epochs", str(epochs)]
         cmd += ["--trainer.accelerator", accelerator]
-        wall, rss, _ = timed(cmd, cwd=tmp)
+        wall, rss, _ = timed(cmd, cwd=tmp, env=env)
         metrics = json.loads(next(Path(tmp).glob("lightning_logs/version_*/metrics.json")).read_text())
     return {
         "wall_s": wall,
@@ -116,7 +123,9 @@ def main() -> None:
         metavar="MODE",
         help="torch.compile the network in (b) and (c), in this mode (default: default)",
     )
-    parser.add_argument("--default-only", action="store_true", help="(c) with default.yaml only, at each batch size")
+    parser.add_argument("--default-only", action="store_true", help="(c) with the defaults only, at each batch size")
+    parser.add_argument("--speedups-off", action="store_true", help="each (c) again with speedups.py switched off")
+    parser.add_argument("--against", metavar="SRC", help="each (c) again from this checkout (its src/ on the path)")
     parser.add_argument("--no-plain", action="store_true", help="skip (b), measured elsewhere in the same session")
     parser.add_argument(
         "--fit-args",
@@ -139,6 +148,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     configs = HERE.parent / "configs"
     epochs_shown = []  # (row name, each epoch's seconds), printed under the table
+    variants_of = {"": None}  # each (c) runs in these environments: as installed, and those asked for
+    if args.speedups_off:
+        variants_of[" [speedups off]"] = {**os.environ, "MNIST_LIGHTNING_SPEEDUPS": "none"}
+    if args.against:
+        src = str(Path(args.against, "src").resolve())
+        variants_of[f" [{args.against}]"] = {**os.environ, "PYTHONPATH": src}
     for bs in args.batch_sizes:
         variants = {}
         if not args.no_tutorial and args.device == "cpu":
@@ -147,19 +162,27 @@ def main() -> None:
             variants["(b) in-memory loop"] = partial(
                 baseline, "in_memory", data_dir, bs, epochs, args.device, args.compile
             )
-        variants["(c) fit default.yaml"] = partial(lightning_fit, data_dir, bs, epochs, args.device, *fit_args)
-        if not args.default_only:
-            seed = ["--config", str(configs / "seed.yaml"), *fit_args]
-            variants["(c) fit seed.yaml"] = partial(lightning_fit, data_dir, bs, epochs, args.device, *seed)
         shipped = not args.default_only and bs == args.batch_sizes[0]
-        if shipped:  # the commands as shipped, against the tutorial as written (the first batch size, 64)
-            variants["default.yaml"] = partial(lightning_fit, data_dir, None, epochs, args.device, *fit_args)
-            fast = ["--config", str(configs / "fast.yaml"), *fit_args]
-            variants["fast.yaml"] = partial(lightning_fit, data_dir, None, epochs, args.device, *fast)
+        for tag, env in variants_of.items():
+            fit = partial(lightning_fit, env=env)
+            variants[f"(c) fit default{tag}"] = partial(fit, data_dir, bs, epochs, args.device, *fit_args)
+            if not args.default_only:
+                seed = ["--config", str(configs / "seed.yaml"), *fit_args]
+                variants[f"(c) fit seed.yaml{tag}"] = partial(fit, data_dir, bs, epochs, args.device, *seed)
+            if shipped:  # the commands as shipped, against the tutorial as written (the first batch size, 64)
+                variants[f"default{tag}"] = partial(fit, data_dir, None, epochs, args.device, *fit_args)
+                fast = ["--config", str(configs / "fast.yaml"), *fit_args]
+                variants[f"fast.yaml{tag}"] = partial(fit, data_dir, None, epochs, args.device, *fast)
+        if shipped and args.speedups_off:
+            for name in SPEEDUPS:
+                env = {**os.environ, "MNIST_LIGHTNING_SPEEDUPS": ",".join(n for n in SPEEDUPS if n != name)}
+                variants[f"default [without {name}]"] = partial(
+                    lightning_fit, data_dir, None, epochs, args.device, env=env
+                )
         results = medians(variants, args.repeats)
         ref = {name[1]: results[name] for name in ("(a) tutorial", "(b) in-memory loop") if name in results}
         for name, result in results.items():
-            label = f"{name}, batch {bs}" if name.startswith("(") else f"(c) fit {name} as shipped"
+            label = f"{name}, batch {bs}" if name.startswith("(") else f"(c) fit {name}, as shipped"
             if name.startswith("(c)"):
                 print(row(label, result, ref))
             elif name.startswith("("):
