@@ -13,7 +13,18 @@ class UserError(Exception):
 
 def usage_error(err: Exception) -> UserError:
     """A command-line parsing error as one line (jsonargparse's can span several), instead of the usage."""
-    return UserError(f"{' '.join(str(err).split())} (see --help)")
+    message = " ".join(str(err).split())
+    # For an option that takes a class (--trainer.logger CSVLogger), jsonargparse tries every type the
+    # option allows and lists why each failed; only the class's own failure says anything.
+    found = re.search(r"Parser key \"([^\"]+)\":.*?Problem with given class_path '([^']+)': (.*?) - Expected", message)
+    if found:
+        key, path, problem = found.groups()
+        name = path.rsplit(".", 1)[-1]
+        if missing := re.fullmatch(r"the following arguments are required: (.+)", problem):
+            options = ", ".join(f"--{key}.{arg.strip()}" for arg in missing.group(1).split(","))
+            return UserError(f"--{key} {name} needs {options} (see --help)")
+        return UserError(f"--{key} {name}: {problem} (see --help)")
+    return UserError(f"{message} (see --help)")
 
 
 def checks_an_argument(err: Exception) -> bool:
