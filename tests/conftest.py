@@ -74,9 +74,12 @@ def trained_ckpt(fit_result) -> Path:
     return Path(fit_result["best_model_path"])
 
 
-def run_module(module: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``python -m module args`` the way a user would, with output captured."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_module(
+    module: str, *args: str, cwd: Path, check: bool = True, warnings: str = "ignore"
+) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` the way a user would, with output captured (and warnings ignored,
+    unless ``warnings`` is "default", as in a user's shell)."""
+    env = {**os.environ, "PYTHONWARNINGS": warnings}
     proc = subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,

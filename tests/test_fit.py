@@ -9,9 +9,11 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import FAST, run_module
+from mnist_lightning import report
 from mnist_lightning.errors import UserError
 from mnist_lightning.fit import cli_main
 from mnist_lightning.speedups import NoProfiler
@@ -163,7 +165,7 @@ def test_progress_bar_redraws_every_20th_step_unless_configured(
 
     cli_main(["--data.data_dir", str(data_dir), *FAST, *options], callbacks=[Bar()])
     assert (bars[0].refresh_rate if bars[0] else None) == refresh_rate
-    assert ("epoch 2/2  train/acc" in capsys.readouterr().out) == (refresh_rate is None)
+    assert ("epoch 2/2  lr " in capsys.readouterr().out) == (refresh_rate is None)
 
 
 def test_extending_a_one_cycle_run_is_refused(data_dir, tmp_path, monkeypatch):
@@ -192,36 +194,47 @@ def test_fit_writes_events_checkpoints_metrics_and_resumes(data_dir, tmp_path):
     version = tmp_path / "lightning_logs" / "version_0"
     # Output is a pipe here, so epochs arrive as plain lines, not a progress bar.
     assert "epoch 2/2" in proc.stdout and "\r" not in proc.stdout + proc.stderr
-    assert "test/acc" in proc.stdout
+    # The closing lines: the figures, what the smoothed loss means, where the run is, what to run next.
+    last = proc.stdout.strip().splitlines()[-5:]
+    assert last[0].startswith("test/acc ") and last[0].endswith(
+        "(with label smoothing 0.1; a perfect model scores 0.500)"
+    )
+    assert last[1:3] == [
+        "run         lightning_logs/version_0",
+        "TensorBoard tensorboard --logdir lightning_logs/version_0",
+    ]
+    best = "lightning_logs/version_0/checkpoints/best-epoch"
+    assert last[3].startswith(f"evaluate    python -m mnist_lightning.evaluate --ckpt_path {best}")
+    assert last[4].startswith(f"predict     python -m mnist_lightning.predict --ckpt_path {best}")
     # Lightning's noise that says nothing about this run: an advert, a deprecation inside Lightning,
     # and a warning about the two checkpoint callbacks, whose first is the val/acc one by construction.
-    for noise in ("Tip:", "LeafSpec", "multiple `ModelCheckpoint`"):
+    for noise in ("Tip:", "LeafSpec", "multiple `ModelCheckpoint`", "`Trainer.fit` stopped", "site-packages"):
         assert noise not in proc.stdout + proc.stderr, noise
 
     tags = scalars(version)
-    for tag in (
-        "train/loss_step",
-        "train/loss",
-        "train/acc",
-        "val/loss",
-        "val/acc",
-        "val/acc_best",
-        "test/acc",
-    ):
+    # TensorBoard files each curve under what it measures (report.tag), so that it opens on them.
+    for tag in ("loss/train_step", "loss/train", "acc/train", "loss/val", "acc/val", "acc/val_best", "test/acc", "lr"):
         assert tag in tags, tag
-    assert len(tags["val/acc"]) == 2 and len(tags["test/acc"]) == 1
-    assert tags["val/acc_best"] == [max(tags["val/acc"][: i + 1]) for i in range(2)]
-    assert tags["train/loss"][1] < tags["train/loss"][0]
+    assert "epoch" not in tags  # Lightning's staircase
+    assert len(tags["acc/val"]) == 2 and len(tags["test/acc"]) == 1
+    assert tags["acc/val_best"] == [max(tags["acc/val"][: i + 1]) for i in range(2)]
+    assert tags["loss/train"][1] < tags["loss/train"][0]
 
     for digit in range(10):
         assert f"test/acc_digit_{digit}" in tags
 
     events = EventAccumulator(str(version), size_guidance={"images": 0})
     events.Reload()
-    assert set(events.Tags()["images"]) == {"test/confusion_matrix", "test/mistakes_true>predicted"}
+    assert set(events.Tags()["images"]) == {"test/confusion_matrix", "test/mistakes"}
     hparams = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"])
-    assert [m.name.tag for m in hparams.experiment.metric_infos] == ["val/acc_best", "test/acc"]
-    assert {"model/lr", "data/batch_size"} <= {h.name for h in hparams.experiment.hparam_infos}
+    assert [m.name.tag for m in hparams.experiment.metric_infos] == ["acc/val_best", "test/acc", "test/loss"]
+    names = {h.name: h.differs for h in hparams.experiment.hparam_infos}
+    assert {"model/lr", "data/batch_size", "trainer/max_epochs", "trainer/seed", "trainer/precision"} <= set(names)
+    assert sorted(n for n, ticked in names.items() if ticked) == sorted(report.TICKED)
+    (layout,) = events.Tensors("custom_scalars__config__")  # the Custom Scalars tab's charts
+    (category,) = layout_pb2.Layout.FromString(layout.tensor_proto.string_val[0]).category
+    charts = {chart.title: list(chart.multiline.tag) for chart in category.chart}
+    assert charts["loss, train and val"] == ["^loss/train$", "^loss/val$"] and "learning rate" in charts
 
     checkpoints = sorted(p.name for p in (version / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(p.startswith("best-") for p in checkpoints)
@@ -239,9 +252,11 @@ def test_fit_writes_events_checkpoints_metrics_and_resumes(data_dir, tmp_path):
         "--ckpt_path",
         str(last),
         cwd=tmp_path,
+        warnings="default",
     )
-    # Resuming continues at epoch 3 instead of starting over.
+    # Resuming continues at epoch 3 instead of starting over, without a library's path in a warning.
     assert "epoch 3/3" in resumed.stdout and "epoch 1/3" not in resumed.stdout
+    assert "site-packages" not in resumed.stdout + resumed.stderr
 
 
 @pytest.mark.slow

@@ -47,15 +47,46 @@ def test_loss_falls_on_a_tiny_batch():
     assert losses[-1] < 0.1 * losses[0]
 
 
-def test_report_pictures_have_the_expected_layout():
+def test_the_confusion_matrix_is_legible():
     from mnist_lightning import report
 
-    matrix = torch.eye(10, dtype=torch.long) * 5
-    matrix[3, 8] = 2
-    picture = report.confusion_image(matrix)
-    assert picture.shape == (11 * report.CELL, 11 * report.CELL, 3) and picture.dtype.name == "uint8"
-    cell = picture[4 * report.CELL + 1, 9 * report.CELL + 1]  # row 3 (true), column 8 (predicted)
-    assert cell[0] == 255 and cell[1] < 255  # a mistake is tinted red
-    assert (picture[1 * report.CELL + 1, 2 * report.CELL + 1] == 255).all()  # an empty cell stays white
-    grid = report.mistakes_image(torch.rand(10, 1, 28, 28), torch.arange(10), torch.arange(10).flip(0), columns=4)
-    assert grid.shape == (3 * (2 * report.CELL + 14), 4 * 2 * report.CELL, 3)
+    matrix = torch.eye(10, dtype=torch.long) * 1013  # four-digit counts, the real test set's size
+    matrix[3, 8] = 1
+    figure = report.confusion_figure(matrix)
+    axes = figure.axes[0]
+    assert (axes.get_xlabel(), axes.get_ylabel()) == ("Predicted class", "True class")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)  # what TensorBoard's add_figure renders with
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    origin, one = axes.transData.transform([(0, 0), (1, 1)])
+    cell = abs(one[0] - origin[0])  # a cell's width in pixels
+    texts = {text.get_text(): text for text in axes.texts}
+    assert texts["1013"].get_window_extent(renderer).width < 0.9 * cell  # the count fits its cell
+    image = axes.images[0]
+    lone_mistake, nothing = (image.cmap(image.norm(v)) for v in (1.0, 0.0))
+    assert max(abs(a - b) for a, b in zip(lone_mistake, nothing, strict=True)) > 0.1  # one mistake shows
+
+
+def test_the_misread_digits_are_titled():
+    from mnist_lightning import report
+
+    figure = report.mistakes_figure(torch.rand(10, 1, 28, 28), torch.arange(10), torch.arange(10).flip(0), columns=4)
+    titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
+    assert len(figure.axes) == 12 and titles[:2] == ["0 read as 9", "1 read as 8"] and len(titles) == 10
+
+
+def test_tensorboard_files_curves_under_what_they_measure():
+    from mnist_lightning.report import tag
+
+    keys = ("train/loss", "val/acc", "train/loss_step", "val/acc_best", "test/acc", "lr", "lr-Adam")
+    assert [tag(k) for k in keys] == [
+        "loss/train",
+        "acc/val",
+        "loss/train_step",
+        "acc/val_best",
+        "test/acc",
+        "lr",
+        "lr",
+    ]

@@ -55,6 +55,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
         (["--trainer.strategy", "foo"], "documentation at https://lightning.ai (check --trainer.accelerator"),
         (["--trainer.num_nodes", "0"], "`num_nodes` must be a positive integer, but got 0."),
         (["--checkpoint.mode", "outputs"], "`mode` can be min, max but got outputs"),
+        (["--trainer.logger", "CSVLogger"], "--trainer.logger CSVLogger needs --trainer.logger.save_dir (see --help)"),
     ],
 )
 def test_bad_config_is_one_line_and_touches_nothing(good_run, data_dir, capsys, args, message):
@@ -115,7 +116,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     monkeypatch.chdir(tmp_path)
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     kept = rf"training stopped and the last good checkpoint, .*{last.name}, is kept"
-    with pytest.raises(UserError, match=rf"train/loss is nan at step \d+ \(epoch 1\); {kept}"):
+    with pytest.raises(UserError, match=rf"train/loss is nan at step \d+ \(epoch 2 of 3\); {kept}"):
         cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "3"], callbacks=[PoisonAt(1)])
     assert torch.load(last, weights_only=True)["epoch"] == 0
     assert all(torch.isfinite(w).all() for w in weights(last).values())

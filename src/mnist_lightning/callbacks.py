@@ -1,4 +1,5 @@
-"""The callbacks every fit adds for its console and its processes: a line per epoch, the group torn down."""
+"""The callbacks every fit adds for its console and its processes: epochs counted from 1 in every line, bar
+and file name, a line per epoch in logs, the process group torn down at exit."""
 
 import atexit
 import signal
@@ -6,6 +7,25 @@ import time
 
 import torch
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+
+class EpochBar(TQDMProgressBar):
+    """Lightning's progress bar, saying "Epoch 5/5" for the last of five epochs (Lightning's says "Epoch 4")."""
+
+    def on_train_epoch_start(self, trainer: Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+
+class EpochCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``{epoch}`` in file names counts from 1: the best of a 5-epoch run's last epoch
+    is ``best-epoch5-...``. The checkpoint itself keeps Lightning's count, which resuming relies on."""
+
+    def format_checkpoint_name(self, metrics: dict, filename=None, ver=None, prefix=None) -> str:
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": metrics["epoch"] + 1}
+        return super().format_checkpoint_name(metrics, filename, ver, prefix)
 
 
 class EpochTimer(Callback):
@@ -31,10 +51,14 @@ class EpochTimer(Callback):
         self.seconds.append(time.perf_counter() - self.start)
         self.start = None
         if trainer.progress_bar_callback is None and trainer.is_global_zero:
-            metrics = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()))
+            metrics = "  ".join(f"{k} {figure(float(v))}" for k, v in sorted(trainer.callback_metrics.items()))
             print(
                 f"epoch {trainer.current_epoch}/{trainer.max_epochs}  {metrics}  ({self.seconds[-1]:.1f}s)", flush=True
             )
+
+
+def figure(x: float) -> str:
+    return f"{x:.4f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"  # a learning rate near its end
 
 
 def destroy_process_group() -> None:

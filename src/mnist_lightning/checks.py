@@ -37,7 +37,8 @@ class FiniteLoss(Callback):
         saved = [p for p in saved if p.name and p.is_file()]
         kept = f"the last good checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint had been written yet"
         raise UserError(
-            f"train/loss is {float(loss)} {where} (epoch {trainer.current_epoch}); training stopped and {kept}. "
+            f"train/loss is {float(loss)} {where} (epoch {trainer.current_epoch + 1} of {trainer.max_epochs}); "
+            f"training stopped and {kept}. "
             f"{advice}"
         )
 

@@ -5,18 +5,19 @@ from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from mnist_lightning import runs, speedups
+from mnist_lightning.callbacks import EpochBar, EpochCheckpoint
 from mnist_lightning.errors import checks_an_argument, config_error
+from mnist_lightning.report import RunLogger
 
 
 class MNISTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Not add_lightning_class_args: these checkpoints are left out with --trainer.enable_checkpointing false.
-        parser.add_class_arguments(ModelCheckpoint, "checkpoint", fail_untyped=False, sub_configs=True)
+        parser.add_class_arguments(EpochCheckpoint, "checkpoint", fail_untyped=False, sub_configs=True)
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -58,14 +59,16 @@ class MNISTCLI(LightningCLI):
             # last.ckpt after every epoch, for resuming: save_last=True on the val/acc checkpoint would
             # only refresh it in the epochs that improve val/acc.
             ours = [self.config_init.checkpoint, ModelCheckpoint(filename="last", enable_version_counter=False)]
-        faster = speedups.trainer_kwargs(config.profiler, show_bar, their_bar)
-        kwargs["callbacks"] = theirs + ours + faster.pop("callbacks", [])
-        kwargs.update(faster, enable_progress_bar=show_bar)
+        if show_bar and not their_bar:
+            ours.append(EpochBar(refresh_rate=speedups.bar_refresh_rate()))
+        if config.logger is not False:  # the learning-rate curve, on the steps Lightning logs on
+            ours.append(LearningRateMonitor(logging_interval="step"))
+        kwargs.update(speedups.trainer_kwargs(config.profiler), callbacks=theirs + ours, enable_progress_bar=show_bar)
         self.claimed = None
         if config.logger in (None, True):  # the default logger, not one the user configured
             root = Path(config.default_root_dir or ".").resolve() / "lightning_logs"
             version, created = runs.version_for(root, self.config.ckpt_path)
-            kwargs["logger"] = TensorBoardLogger(root.parent, version=version, default_hp_metric=False)
+            kwargs["logger"] = RunLogger(root.parent, version=version, default_hp_metric=False)
             self.claimed = root / f"version_{version}" if created else None
         if config.plugins is None:
             kwargs["plugins"] = [runs.AtomicCheckpointIO()]

@@ -2,14 +2,17 @@
 
 import json
 import logging
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
+import torch
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from mnist_lightning import runs, speedups
@@ -93,12 +96,40 @@ def cli_main(args: list[str] | None = None, callbacks: tuple[Callback, ...] = ()
     if trainer.is_global_zero:
         if log_dir:
             runs.write_metrics(Path(log_dir), result)
-        if test_metrics:
-            weights = "best" if best else "final"
-            print(f"test/acc {result['test/acc']:.4f}  test/loss {result['test/loss']:.4f}  ({weights} weights)")
-        else:
-            print("no test batches (--trainer.limit_test_batches 0): the run was not tested")
+        tensorboard = isinstance(trainer.logger, TensorBoardLogger)
+        print(closing_lines(result, Path(log_dir) if log_dir else None, model.hparams.label_smoothing, tensorboard))
     return result
+
+
+def here(path) -> str:
+    """A path as the user would type it: relative to the current folder if it is inside it."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def closing_lines(result: dict, run: Path | None, smoothing: float, tensorboard: bool) -> str:
+    """What a user needs at the end: the test figures, where the run is, and what to run next."""
+    if "test/acc" in result:
+        lines = [f"test/acc {result['test/acc']:.4f}  test/loss {result['test/loss']:.4f}"]
+        if smoothing:
+            # The loss against smoothed targets cannot reach 0: a perfect model scores their entropy.
+            p = torch.tensor([1 - smoothing + smoothing / 10] + [smoothing / 10] * 9)
+            lines[0] += (
+                f" (with label smoothing {smoothing:g}; a perfect model scores {float(-(p * p.log()).sum()):.3f})"
+            )
+    else:
+        lines = ["no test batches (--trainer.limit_test_batches 0): the run was not tested"]
+    ckpt = result["best_model_path"]
+    if run:
+        lines.append(f"run         {here(run)}")
+    if run and tensorboard:
+        lines.append(f"TensorBoard tensorboard --logdir {here(run)}")
+    if ckpt:
+        lines += [
+            f"evaluate    python -m mnist_lightning.evaluate --ckpt_path {here(ckpt)}",
+            f"predict     python -m mnist_lightning.predict --ckpt_path {here(ckpt)} YOUR_IMAGES",
+        ]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -111,8 +142,15 @@ def main() -> None:
     warnings.filterwarnings("ignore", ".*configured with multiple `ModelCheckpoint` callbacks.*")
     # Lightning 2.6's own pytree helper builds torch's LeafSpec, deprecated in newer torch.
     warnings.filterwarnings("ignore", r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
-    # Lightning advertises its cloud logger on every fit; this project logs to TensorBoard.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not str(r.msg).startswith("💡 Tip"))
+    # Resuming continues in the run's own checkpoint folder, which Lightning warns is not empty.
+    warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
+    # A warning is one line, without the path of the library file that raised it.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    # Lightning advertises its cloud logger on every fit, says that max_epochs was reached just before
+    # the last epoch's line says so, and names the tested checkpoint twice.
+    noise = ("💡 Tip", "`Trainer.fit` stopped: `max_epochs=", "Loaded model weights from the checkpoint at")
+    noise += ("Loading `train_dataloader` to estimate number of stepping batches",)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not str(r.msg).startswith(noise))
     try:
         run_main(cli_main)
     finally:

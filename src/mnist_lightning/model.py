@@ -48,6 +48,7 @@ class MNISTClassifier(FastHookNames, L.LightningModule):
             raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()
         self.net = MLP(hidden1, hidden2)
+        self.example_input_array = torch.zeros(1, 1, 28, 28)  # for the model summary's shapes and FLOPs
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_metrics, self.val_metrics, self.test_metrics = (LossAndAccuracy() for _ in range(3))
         # Persistent, so that the best so far survives a resume from checkpoint.
@@ -122,4 +123,4 @@ class MNISTClassifier(FastHookNames, L.LightningModule):
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}

@@ -1,83 +1,145 @@
-"""What fit shows in TensorBoard besides curves: the HPARAMS table and pictures of the test results."""
+"""What fit shows in TensorBoard: the learning curves first, the HPARAMS table, pictures of the test results."""
 
-import numpy as np
+import os
+import warnings
+
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mnist_lightning.evaluate import per_class
 
-CELL = 28  # pixels per confusion-matrix cell and per (upscaled) digit
 MISTAKES_SHOWN = 64  # misread test digits pictured
+# The HPARAMS columns ticked when TensorBoard opens (it ticks five); the others are a click away.
+TICKED = ("data/batch_size", "model/label_smoothing", "model/lr", "trainer/max_epochs", "trainer/seed")
+METRICS = ("acc/val_best", "test/acc", "test/loss")
 
 
-def log_hparams(logger: TensorBoardLogger, params: dict, metric_names: list[str]) -> None:
+def tag(key: str) -> str:
+    """The TensorBoard tag of a logged metric: a curve is filed under what it measures, then the stage.
+
+    TensorBoard groups cards by a tag's first part and opens the first two groups, alphabetically:
+    ``acc/`` and ``loss/`` put the train and val curves there, each beside the other; ``test/`` stays
+    one group of its own, after them.
+    """
+    if key.startswith("lr-"):  # LearningRateMonitor's name for an optimizer without a scheduler: lr-Adam
+        return "lr"
+    stage, _, metric = key.partition("/")
+    if stage not in ("train", "val") or not metric:
+        return key
+    measure, _, variant = metric.partition("_")  # loss_step -> loss/train_step, acc_best -> acc/val_best
+    return f"{measure}/{stage}" + (f"_{variant}" if variant else "")
+
+
+# TensorBoard's Custom Scalars tab: train and val on the same axes.
+LAYOUT = {
+    "learning curves": {
+        "loss, train and val": ["Multiline", ["^loss/train$", "^loss/val$"]],
+        "accuracy, train and val": ["Multiline", ["^acc/train$", "^acc/val$", "^acc/val_best$"]],
+        "training loss per step": ["Multiline", ["^loss/train_step$"]],
+        "learning rate": ["Multiline", ["^lr$"]],
+    }
+}
+
+
+class RunLogger(TensorBoardLogger):
+    """fit's default logger: TensorBoard, with the tags of ``tag()`` and without Lightning's ``epoch``
+    scalar, a staircase that says nothing the step axis does not."""
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        super().log_metrics({tag(k): v for k, v in metrics.items() if k != "epoch"}, step)
+
+
+def log_hparams(writer: SummaryWriter, params: dict, metric_names: tuple[str, ...]) -> None:
     """Register the run in the HPARAMS tab, which shows each metric's last logged value.
 
     TensorBoardLogger.log_hyperparams would also log the metrics once at step 0 as placeholders,
     which would put a false first point on their curves; so the three summaries are written here.
+    TensorBoard ticks the first five columns, those that differ between runs first: TICKED are
+    marked so.
     """
     flat = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
-    for summary in hparams(flat, dict.fromkeys(metric_names, 0.0)):
-        logger.experiment._get_file_writer().add_summary(summary)
-
-
-def _canvas(width: int, height: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    image = Image.new("RGB", (width, height), "white")
-    return image, ImageDraw.Draw(image)
-
-
-def confusion_image(matrix: torch.Tensor) -> np.ndarray:
-    """The confusion matrix as a heat map with counts: rows true digit, columns predicted (HWC uint8)."""
-    counts = matrix.cpu().numpy()
-    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    image, draw = _canvas(CELL * 11, CELL * 11)
-    font = ImageFont.load_default(size=10)
-    for d in range(10):  # axis labels: true down the left, predicted along the top
-        draw.text((4, CELL * (d + 1) + 9), str(d), fill="black", font=font)
-        draw.text((CELL * (d + 1) + 11, 9), str(d), fill="black", font=font)
-    for t in range(10):
-        for p in range(10):
-            shade = int(255 - 150 * share[t, p])  # light enough for black digits on top
-            box = (CELL * (p + 1), CELL * (t + 1), CELL * (p + 2) - 1, CELL * (t + 2) - 1)
-            draw.rectangle(box, fill=(shade, shade, 255) if t == p else (255, shade, shade))
-            if counts[t, p]:
-                draw.text((box[0] + 2, box[1] + 9), str(int(counts[t, p])), fill="black", font=font)
-    return np.asarray(image)
-
-
-def mistakes_image(images: torch.Tensor, true: torch.Tensor, predicted: torch.Tensor, columns: int = 8) -> np.ndarray:
-    """Misread digits in a grid, each captioned ``true>predicted`` (HWC uint8)."""
-    rows = max(1, -(-len(images) // columns))
-    image, draw = _canvas(columns * 2 * CELL, rows * (2 * CELL + 14))
-    font = ImageFont.load_default(size=11)
-    for i, (x, t, p) in enumerate(zip(images.cpu(), true.tolist(), predicted.tolist(), strict=True)):
-        x = x.reshape(28, 28)
-        pixels = ((x - x.min()) / (x.max() - x.min() + 1e-8) * 255).byte().numpy()  # whatever the normalisation
-        digit = Image.fromarray(255 - pixels).resize((2 * CELL, 2 * CELL), Image.NEAREST)
-        left, top = (i % columns) * 2 * CELL, (i // columns) * (2 * CELL + 14)
-        image.paste(digit, (left, top))
-        draw.text((left + 18, top + 2 * CELL), f"{t}>{p}", fill="red", font=font)
-    return np.asarray(image)
+    experiment, start, end = hparams(flat, dict.fromkeys(metric_names, 0.0))
+    value = experiment.value[0]
+    data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in TICKED
+    value.metadata.plugin_data.content = data.SerializeToString()
+    for summary in (experiment, start, end):
+        writer._get_file_writer().add_summary(summary)
 
 
 class HParams(Callback):
-    """Registers the run in TensorBoard's HPARAMS tab, with the model's and the data's settings."""
+    """Registers the run in TensorBoard: the Custom Scalars layout and the HPARAMS entry, with the model's,
+    the data's and the Trainer's settings."""
 
     def on_train_start(self, trainer: Trainer, pl_module) -> None:
-        if isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero:
-            data = trainer.datamodule.hparams if trainer.datamodule else {}
-            params = {
-                f"{group}/{k}": v
-                for group, hp in (("model", pl_module.hparams), ("data", data))
-                for k, v in hp.items()
-                if not k.startswith("_")  # LightningCLI's bookkeeping, not a hyperparameter
-            }
-            log_hparams(trainer.logger, params, ["val/acc_best", "test/acc"])
+        if not (isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero):
+            return
+        data = trainer.datamodule.hparams if trainer.datamodule else {}
+        settings = {
+            "max_epochs": trainer.max_epochs,
+            "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),  # -1: no --seed_everything
+            "precision": trainer.precision,
+            "devices": trainer.num_devices * trainer.num_nodes,
+            "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
+        }
+        params = {
+            f"{group}/{k}": v
+            for group, hp in (("model", pl_module.hparams), ("data", data), ("trainer", settings))
+            for k, v in hp.items()
+            if not k.startswith("_")  # LightningCLI's bookkeeping, not a hyperparameter
+        }
+        writer = trainer.logger.experiment
+        mapped = isinstance(trainer.logger, RunLogger)
+        writer.add_custom_scalars(LAYOUT if mapped else {})
+        log_hparams(writer, params, METRICS if mapped else tuple(map(_unmapped, METRICS)))
+
+
+def _unmapped(name: str) -> str:
+    return "val/acc_best" if name == "acc/val_best" else name
+
+
+def confusion_figure(matrix: torch.Tensor) -> Figure:
+    """torchmetrics' plot of the confusion matrix (rows: true digit, columns: predicted), with every count
+    legible and a colour scale on which a single mistake shows."""
+    figure = Figure(figsize=(8, 7.5), layout="constrained")
+    axes = figure.subplots()
+    with warnings.catch_warnings():  # matplotlib asks the tensor for an array the way numpy 2 deprecates
+        warnings.filterwarnings(
+            "ignore", ".*__array__ implementation doesn't accept a copy keyword", DeprecationWarning
+        )
+        MulticlassConfusionMatrix(10).plot(val=matrix.cpu(), ax=axes, cmap="Blues")
+    image = axes.images[0]
+    # A linear scale leaves 1-20 mistakes beside ~1000 correct the colour of 0; a power scale lifts them.
+    image.set_norm(PowerNorm(gamma=0.2, vmin=0, vmax=max(int(matrix.max()), 1)))
+    for text in axes.texts:  # torchmetrics picked each count's colour on the linear scale: pick again
+        column, row = (round(v) for v in text.get_position())
+        red, green, blue, _ = image.cmap(image.norm(float(matrix[row, column])))
+        text.set_color("white" if 0.299 * red + 0.587 * green + 0.114 * blue < 0.5 else "black")
+        text.set_fontsize(11)
+    axes.tick_params(labelrotation=0)
+    figure.colorbar(image, ax=axes, label="images (power scale)")
+    axes.set_title("Test set: true digit against predicted digit")
+    return figure
+
+
+def mistakes_figure(images: torch.Tensor, true: torch.Tensor, predicted: torch.Tensor, columns: int = 8) -> Figure:
+    """Misread digits in a grid, each titled with its true digit and what the model read."""
+    rows = max(1, -(-len(images) // columns))
+    figure = Figure(figsize=(1.25 * columns, 1.45 * rows), layout="constrained")
+    for i, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
+        axes.set_axis_off()
+        if i < len(images):
+            axes.imshow(images[i].reshape(28, 28).cpu().numpy(), cmap="gray_r")  # any normalisation: scaled per image
+            axes.set_title(f"{int(true[i])} read as {int(predicted[i])}", fontsize=10, color="firebrick")
+    return figure
 
 
 class TestPictures(Callback):
@@ -103,16 +165,9 @@ class TestPictures(Callback):
         for digit, accuracy in enumerate(per_class(matrix)["recall"].float()):
             pl_module.log(f"test/acc_digit_{digit}", accuracy, sync_dist=True)  # equal on every rank already
         if isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero:
-            log_test_pictures(trainer.logger.experiment, matrix, self.mistakes, trainer.global_step)
+            writer, step = trainer.logger.experiment, trainer.global_step
+            writer.add_figure("test/confusion_matrix", confusion_figure(matrix), step)
+            if self.mistakes:
+                images, true, predicted = (torch.cat(p)[:MISTAKES_SHOWN] for p in zip(*self.mistakes, strict=True))
+                writer.add_figure("test/mistakes", mistakes_figure(images, true, predicted), step)
         self.mistakes.clear()
-
-
-def log_test_pictures(
-    writer: SummaryWriter, matrix: torch.Tensor, mistakes: list[tuple[torch.Tensor, ...]], step: int
-) -> None:
-    """The test's confusion matrix, and its first MISTAKES_SHOWN misread digits from (images, true, predicted)."""
-    writer.add_image("test/confusion_matrix", confusion_image(matrix), step, dataformats="HWC")
-    if mistakes:
-        images, true, predicted = (torch.cat(part)[:MISTAKES_SHOWN] for part in zip(*mistakes, strict=True))
-        grid = mistakes_image(images, true, predicted)
-        writer.add_image("test/mistakes_true>predicted", grid, step, dataformats="HWC")

@@ -11,7 +11,6 @@ import os
 import sys
 
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.profilers import PassThroughProfiler
 
 from mnist_lightning.errors import UserError
@@ -64,16 +63,15 @@ class NoProfiler(PassThroughProfiler):
         return self._nothing
 
 
-def trainer_kwargs(profiler, show_bar: bool, their_bar: bool) -> dict:
-    """What fit's Trainer gets from here: the no-op profiler unless one is asked for, and a bar that
-    redraws every 20th step. Lightning's redraws after every step: on a terminal that was 0.3 ms of a
-    0.8 ms step at batch 64, and every 20th step still looks live."""
-    kwargs = {}
-    if profiler is None and on("profiler"):
-        kwargs["profiler"] = NoProfiler()
-    if show_bar and not their_bar and on("progress_bar"):
-        kwargs["callbacks"] = [TQDMProgressBar(refresh_rate=20)]
-    return kwargs
+def trainer_kwargs(profiler) -> dict:
+    """The no-op profiler for fit's Trainer, unless one is asked for."""
+    return {"profiler": NoProfiler()} if profiler is None and on("profiler") else {}
+
+
+def bar_refresh_rate() -> int:
+    """Lightning's bar redraws after every step: on a terminal that was 0.3 ms of a 0.8 ms step at batch 64.
+    Every 20th step still looks live. Gain: ~35% of a step at batch 64, on a terminal only."""
+    return 20 if on("progress_bar") else 1
 
 
 def skip_nvml_probe() -> None:

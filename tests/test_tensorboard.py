@@ -1,0 +1,113 @@
+"""What a user sees in TensorBoard, in a real browser: TensorBoard on loopback over a short fit's run,
+driven by Playwright in Debian's Chromium. Screenshots go to $TEST_ARTIFACTS (default: the test's folder)."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no browser at {CHROMIUM}: apt-get install chromium"),
+]
+playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the dev extra)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tensorboard(fit_result, tmp_path_factory):
+    """TensorBoard over the session's fit (a one-cycle run, so there is a learning-rate curve)."""
+    run = Path(fit_result["best_model_path"]).parents[1]
+    port = free_port()
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(run), "--host", "127.0.0.1"]
+    server = subprocess.Popen(
+        [*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/data/runs", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise AssertionError(f"tensorboard did not start: {server.stderr.read()}") from None
+            time.sleep(0.3)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, request, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    yield page
+    artifacts = Path(os.environ.get("TEST_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(artifacts / f"tensorboard-{request.node.name}.png"))
+    page.close()
+
+
+def cards(page) -> list[str]:
+    """The tags of the cards on the page (a card's title shows a tag as its group, then the rest)."""
+    return ["".join(text.split("\n")[:2]) for text in page.locator("card-view").all_inner_texts()]
+
+
+def test_scalars_open_on_the_learning_curves(tensorboard, page):
+    page.goto(f"{tensorboard}/#timeseries")
+    page.locator("card-view").first.wait_for(timeout=30_000)
+    groups = page.locator("metrics-card-group-toolbar .group-title").all_inner_texts()
+    assert groups == ["acc", "loss", "lr", "test"], groups  # no "epoch" staircase; test last
+    # TensorBoard opens the first two groups: the train and val curves, each beside the other.
+    page.locator("card-view").last.scroll_into_view_if_needed()  # cards below the fold draw when seen
+    page.wait_for_timeout(1000)
+    shown = cards(page)
+    for tag in ("acc/train", "acc/val", "acc/val_best", "loss/train", "loss/train_step", "loss/val"):
+        assert tag in shown, (tag, shown)
+    assert len(shown) == 6, shown  # and nothing of the test group, folded until opened
+    page.locator("card-view").first.scroll_into_view_if_needed()  # the screenshot: what a user sees first
+
+
+def test_custom_scalars_put_train_and_val_on_the_same_axes(tensorboard, page):
+    page.goto(f"{tensorboard}/#custom_scalars")
+    page.get_by_text("learning curves").first.wait_for(timeout=30_000)
+    for title in ("loss, train and val", "accuracy, train and val", "learning rate"):
+        assert page.get_by_text(title).first.is_visible(), title
+
+
+def test_images_hold_the_confusion_matrix_and_the_mistakes(tensorboard, page):
+    page.goto(f"{tensorboard}/#images")
+    page.get_by_text("test/confusion_matrix").first.wait_for(timeout=30_000)
+    assert page.get_by_text("test/mistakes").first.is_visible()
+    images = page.locator("img")
+    images.first.wait_for(timeout=30_000)
+    sizes = [image.evaluate("i => [i.naturalWidth, i.naturalHeight]") for image in images.all()]
+    assert any(w >= 600 and h >= 600 for w, h in sizes), sizes  # the confusion matrix, at a legible size
+
+
+def test_hparams_list_the_run_with_its_metrics(tensorboard, page):
+    page.goto(f"{tensorboard}/#hparams")
+    page.get_by_text("acc/val_best").first.wait_for(timeout=30_000)
+    for column in ("test/acc", "test/loss", "model/lr", "trainer/max_epochs", "trainer/seed"):
+        assert page.get_by_text(column).first.is_visible(), column
