@@ -5,6 +5,7 @@ Each run is a whole ``python -m mnist_lightning.fit`` process; its figures come 
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -45,17 +46,19 @@ def main() -> None:
         "--tutorial", action="store_true", help="also run the PyTorch MNIST tutorial's own loop (~20 s/seed here)"
     )
     parser.add_argument("--extra", nargs="*", default=[], help="NAME=ARGS: more fit variants, e.g. bs512='...'")
+    parser.add_argument("--fit-args", type=shlex.split, default=[], help="options added to every fit")
     args = parser.parse_args()
     data_dir = str(Path(args.data_dir).resolve())
     print(f"seeds {args.seeds}\n\n| run | test acc % (mean) | min-max | seconds (whole process) |\n|---|---|---|---|")
-    report("fit, the defaults", [fit(data_dir, s) for s in args.seeds])
+    more = args.fit_args
+    report("fit, the defaults", [fit(data_dir, s, *more) for s in args.seeds])
     report(
         "fit, configs/seed.yaml",
-        [fit(data_dir, s, "--config", str(CONFIGS / "seed.yaml")) for s in args.seeds],
+        [fit(data_dir, s, "--config", str(CONFIGS / "seed.yaml"), *more) for s in args.seeds],
     )
     for extra in args.extra:
         name, _, options = extra.partition("=")
-        report(f"fit, {name}", [fit(data_dir, s, *options.split()) for s in args.seeds])
+        report(f"fit, {name}", [fit(data_dir, s, *options.split(), *more) for s in args.seeds])
     if args.tutorial:
         report(
             "the PyTorch MNIST tutorial (plain PyTorch, train loop only)",

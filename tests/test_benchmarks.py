@@ -1,8 +1,7 @@
 import os
 import re
-import signal
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,79 +42,33 @@ def test_gpu_check_runs_its_cpu_path(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_reports_a_stage_past_its_limit_and_goes_on(data_dir, tmp_path):
-    """A stage that runs too long costs only itself: each says so, the next one runs, the exit is non-zero."""
-    proc = gpu_check(data_dir, tmp_path, STAGE_TIMEOUT="1")
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert proc.stdout.count("## ") == 4
-    assert proc.stdout.count("stage failed or ran past its 1s limit (exit 124)") == 4
-
-
-@pytest.mark.slow
-def test_gpu_check_ends_within_its_budget(data_dir, tmp_path):
-    """Once the budget is spent the stages left are skipped, each saying so, not run past it."""
-    # Importing torch takes 1-2 s here, and the first stage alone about 20 s.
-    proc = gpu_check(data_dir, tmp_path, BUDGET="10", FIT_ARGS="--data.val_size 100")
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    outcomes = [
-        [line for line in part.splitlines() if line.startswith("stage ")] for part in proc.stdout.split("## ")[1:]
-    ]
-    cut, skipped = "stage failed or was cut at the 10s budget (exit 124)", "stage skipped: the 10s budget is spent"
-    assert outcomes[1:] == [[skipped]] * 3 and outcomes[0][0] == cut
-    assert re.fullmatch(r"stage took \d+ s; 0 s of the budget left", outcomes[0][1])
-
-
-def test_gpu_check_stops_when_importing_torch_outlasts_the_budget(data_dir, tmp_path):
-    stub = tmp_path / "bin" / "python"  # a python that hangs
-    stub.parent.mkdir()
-    stub.write_text("#!/bin/sh\nsleep 30\n")
-    stub.chmod(0o755)
-    proc = gpu_check(data_dir, tmp_path, BUDGET="1", PATH=f"{stub.parent}{os.pathsep}{os.environ['PATH']}")
-    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "the 1s budget ran out importing torch\n")
-
-
-def processes_in(folder: Path) -> list[str]:
-    """The processes whose working directory is folder (Linux /proc)."""
-    found = []
-    for cwd in Path("/proc").glob("[0-9]*/cwd"):
-        try:
-            if cwd.resolve() == folder.resolve():
-                found.append(cwd.parent.name)
-        except OSError:  # gone meanwhile, or not ours to read
-            pass
-    return found
-
-
-@pytest.mark.slow
-def test_ctrl_c_stops_the_gpu_check_and_its_stage(data_dir, tmp_path):
-    """timeout puts a stage in a process group of its own, away from a terminal's Ctrl-C, which reaches
-    only bash: the script must stop the stage itself and exit, not wait out the limit and go on."""
-    proc = subprocess.Popen(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(data_dir)],
+def test_accuracy_prints_a_row_per_recipe(data_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), str(data_dir), "--seeds", "0"]
+        + ["--fit-args", "--data.val_size 100 --trainer.max_epochs 1"],
         cwd=tmp_path,
-        env={**os.environ, "DEVICE": "cpu", "EPOCHS": "1", "FIT_ARGS": "--data.val_size 100"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
-        # As from a shell, whatever the test runner was started with: SIGINT not ignored.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        timeout=600,
     )
-    assert proc.stdout.readline().startswith("torch ") and proc.stdout.readline() == "## eager\n"
-    time.sleep(2)  # the stage is under way: speed.py and its first variant
-    assert len(processes_in(tmp_path)) >= 3  # bash, timeout, speed.py, ...
-    start = time.monotonic()
-    proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends to bash, outside the stage's group
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err, out + err
-    assert time.monotonic() - start < 10 and "## torch.compile" not in out
-    deadline = time.monotonic() + 10
-    while processes_in(tmp_path) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert processes_in(tmp_path) == []
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"^\| fit, (.+?) \| (\d+\.\d\d) \|", proc.stdout, re.M)
+    assert [name for name, _ in rows] == ["the defaults", "configs/seed.yaml"]
+    assert all(10 < float(acc) <= 100 for _, acc in rows)
 
 
-@pytest.mark.parametrize("setting", [{"BUDGET": "5m"}, {"STAGE_TIMEOUT": "1.5"}, {"STAGE_TIMEOUT": "0"}])
-def test_gpu_check_refuses_a_limit_that_is_not_whole_seconds(data_dir, tmp_path, setting):
-    proc = gpu_check(data_dir, tmp_path, **setting)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == f"BUDGET and STAGE_TIMEOUT must be whole seconds, got '{next(iter(setting.values()))}'\n"
+@pytest.mark.slow
+def test_inference_prints_predict_and_the_runtimes(data_dir, trained_ckpt, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "inference.py"), str(trained_ckpt), str(data_dir)]
+        + ["--images", "50", "--runs", "1", "--calls", "20"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^predict, 50 PNGs: [\d,]+ images/s in-process", proc.stdout, re.M)
+    assert re.search(r"^\| predict, one image \| \d+\.\d\d \|", proc.stdout, re.M)
+    runtimes = re.findall(r"^\| (PyTorch \(eager\)|ONNX Runtime|TorchScript) \| (1|301) \|", proc.stdout, re.M)
+    assert len(runtimes) == 6
