@@ -1,8 +1,10 @@
 import torch
 
+from mnist_lightning import speedups
 from mnist_lightning.metrics import LossAndAccuracy
 from mnist_lightning.model import MNISTClassifier
 from mnist_lightning.net import MLP
+from mnist_lightning.speedups import SmoothedCrossEntropy
 
 
 def test_network_is_784_128_64_10():
@@ -15,6 +17,39 @@ def test_the_defaults_are_the_recipe():
     model = MNISTClassifier()
     assert (model.hparams.lr, model.hparams.scheduler, model.hparams.label_smoothing) == (5e-3, "onecycle", 0.1)
     assert model.loss.label_smoothing == 0.1
+
+
+def test_the_fast_loss_matches_torchs_label_smoothing_in_value_and_gradient():
+    torch.manual_seed(0)
+    logits, target = torch.randn(32, 10, dtype=torch.float64), torch.randint(0, 10, (32,))
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        for smoothing in (0.1, 0.5):
+            ours = logits.to(dtype, copy=True).requires_grad_()
+            theirs = logits.to(dtype, copy=True).requires_grad_()
+            loss = SmoothedCrossEntropy(smoothing)(ours, target)
+            expected = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)(theirs, target)
+            loss.backward()
+            expected.backward()
+            # Equal to rounding: the two sum the same terms in another order.
+            torch.testing.assert_close(loss, expected, rtol=tolerance, atol=0)
+            torch.testing.assert_close(ours.grad, theirs.grad, rtol=10 * tolerance, atol=tolerance / 100)
+    # An empty batch (a DDP rank's share of a tiny set) adds nothing, where torch's mean would be NaN.
+    assert SmoothedCrossEntropy(0.1)(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long)).item() == 0
+
+
+def test_the_speedups_swap_in_the_fast_loss_only_when_on(monkeypatch):
+    for setting, smoothing, expected in (("all", 0.1, SmoothedCrossEntropy), ("none", 0.1, torch.nn.CrossEntropyLoss)):
+        monkeypatch.setenv("MNIST_LIGHTNING_SPEEDUPS", setting)
+        speedups.configure()
+        model = MNISTClassifier(label_smoothing=smoothing)
+        assert type(model.loss) is torch.nn.CrossEntropyLoss  # what the lesson reads
+        model.setup("fit")
+        assert type(model.loss) is expected and not list(model.loss.buffers()), setting
+    monkeypatch.setenv("MNIST_LIGHTNING_SPEEDUPS", "all")
+    speedups.configure()
+    model = MNISTClassifier(label_smoothing=0.0)
+    model.setup("fit")
+    assert type(model.loss) is torch.nn.CrossEntropyLoss  # nothing to smooth: torch's plain loss is as fast
 
 
 def test_epoch_metrics_weigh_each_sample_and_keep_a_nan():
@@ -69,12 +104,18 @@ def test_the_confusion_matrix_is_legible():
     assert max(abs(a - b) for a, b in zip(lone_mistake, nothing, strict=True)) > 0.1  # one mistake shows
 
 
-def test_the_misread_digits_are_titled():
+def test_the_misread_digits_are_captioned():
     from mnist_lightning import report
 
-    figure = report.mistakes_figure(torch.rand(10, 1, 28, 28), torch.arange(10), torch.arange(10).flip(0), columns=4)
-    titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
-    assert len(figure.axes) == 12 and titles[:2] == ["0 read as 9", "1 read as 8"] and len(titles) == 10
+    images = torch.rand(10, 1, 28, 28)
+    figure = report.mistakes_figure(images, torch.arange(10), torch.arange(10).flip(0), columns=4)
+    (axes,) = figure.axes
+    assert [t.get_text() for t in axes.texts][:2] == ["0 read as 9", "1 read as 8"] and len(axes.texts) == 10
+    grid = axes.images[0].get_array()
+    assert grid.shape == (3 * (30 + 8), 4 * 30)  # three rows of four cells, each with its caption
+    # The second digit, dark on white and scaled to 0-1, sits in its cell under its caption.
+    expected = 1 - (images[1, 0] - images[1, 0].min()) / (images[1, 0].max() - images[1, 0].min() + 1e-8)
+    assert torch.allclose(torch.as_tensor(grid[9:37, 31:59]), expected, atol=1e-6)
 
 
 def test_tensorboard_files_curves_under_what_they_measure():
