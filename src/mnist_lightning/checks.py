@@ -8,12 +8,25 @@ from lightning.pytorch import Callback, Trainer
 from mnist_lightning.errors import UserError
 
 
-class FiniteLoss(Callback):
-    """Logs the per-step training loss and stops on a non-finite one, on the steps Lightning logs on.
+class RunChecks(Callback):
+    """Logs the per-step training loss and stops on a non-finite one, on the steps Lightning logs on;
+    refuses a resumed one-cycle schedule that would run out before the run ends.
 
-    Only there: on a GPU each check waits for the device. The epoch's mean loss is checked too, at
-    validation, before that epoch's checkpoint is written, so the last checkpoint is a good one.
+    The loss is checked only on logging steps: on a GPU each check waits for the device. The epoch's mean
+    loss is checked too, at validation, before that epoch's checkpoint is written, so the last
+    checkpoint is a good one. One callback for both, as Lightning calls every callback at every hook.
     """
+
+    def on_train_start(self, trainer: Trainer, pl_module) -> None:
+        # A resumed one-cycle schedule keeps its original length; running past it would crash mid-run.
+        for config in trainer.lr_scheduler_configs:
+            total, needed = getattr(config.scheduler, "total_steps", None), trainer.estimated_stepping_batches
+            if total is not None and total < needed:
+                raise UserError(
+                    f"the checkpoint's one-cycle schedule ends after {total} steps but this run needs {needed}; "
+                    "a one-cycle schedule cannot be extended: resume with the max_epochs it was started with, "
+                    "or start a new run with more epochs"
+                )
 
     def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx) -> None:
         every = trainer.log_every_n_steps  # 0: no per-step logging, and so no per-step check
@@ -41,17 +54,3 @@ class FiniteLoss(Callback):
             f"training stopped and {kept}. "
             f"{advice}"
         )
-
-
-class OneCycleFits(Callback):
-    """A resumed one-cycle schedule keeps its original length; running past it would crash mid-run."""
-
-    def on_train_start(self, trainer: Trainer, pl_module) -> None:
-        for config in trainer.lr_scheduler_configs:
-            total, needed = getattr(config.scheduler, "total_steps", None), trainer.estimated_stepping_batches
-            if total is not None and total < needed:
-                raise UserError(
-                    f"the checkpoint's one-cycle schedule ends after {total} steps but this run needs {needed}; "
-                    "a one-cycle schedule cannot be extended: resume with the max_epochs it was started with, "
-                    "or start a new run with more epochs"
-                )

@@ -18,12 +18,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from mnist_lightning import runs, speedups
 from mnist_lightning.callbacks import EpochTimer, ProcessGroupTeardown
 from mnist_lightning.checkpoint import load_checkpoint
-from mnist_lightning.checks import FiniteLoss, OneCycleFits
+from mnist_lightning.checks import RunChecks
 from mnist_lightning.cli import MNISTCLI
 from mnist_lightning.data import MNISTDataModule
 from mnist_lightning.errors import config_error, run_main, usage_error
 from mnist_lightning.model import MNISTClassifier
-from mnist_lightning.report import HParams, TestPictures
+from mnist_lightning.report import RunReport
 
 
 def cli_main(args: list[str] | None = None, callbacks: tuple[Callback, ...] = ()) -> dict:
@@ -34,7 +34,7 @@ def cli_main(args: list[str] | None = None, callbacks: tuple[Callback, ...] = ()
     speedups.configure()
     speedups.skip_nvml_probe()
     timer = EpochTimer()
-    ours = [timer, FiniteLoss(), OneCycleFits(), HParams(), TestPictures(), ProcessGroupTeardown()]
+    ours = [timer, RunChecks(), RunReport(), ProcessGroupTeardown()]
     try:
         cli = MNISTCLI(
             MNISTClassifier,

@@ -69,7 +69,7 @@ class MNISTClassifier(Speedups, L.LightningModule):
         logits = self(x)
         loss = self.loss(logits, y)
         # A metric update per step, logged once an epoch: self.log on every step would cost more than
-        # this whole network's step on a CPU. The per-step curve is the FiniteLoss callback's.
+        # this whole network's step on a CPU. The per-step curve is checks.RunChecks'.
         metrics.update(loss, logits, y)
         return loss, logits
 
@@ -82,7 +82,7 @@ class MNISTClassifier(Speedups, L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         _, logits = self._step(batch, self.test_metrics)
-        return logits  # for the confusion matrix and the misread digits (report.TestPictures)
+        return logits  # for the confusion matrix and the misread digits (report.RunReport)
 
     def _log_epoch(self, stage: str, metrics: LossAndAccuracy) -> None:
         # compute() sums over the DDP ranks, so every rank logs the same values; sync_dist then only

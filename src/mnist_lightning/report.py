@@ -77,33 +77,6 @@ def log_hparams(writer: SummaryWriter, params: dict, metric_names: tuple[str, ..
         writer._get_file_writer().add_summary(summary)
 
 
-class HParams(Callback):
-    """Registers the run in TensorBoard: the Custom Scalars layout and the HPARAMS entry, with the model's,
-    the data's and the Trainer's settings."""
-
-    def on_train_start(self, trainer: Trainer, pl_module) -> None:
-        if not (isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero):
-            return
-        data = trainer.datamodule.hparams if trainer.datamodule else {}
-        settings = {
-            "max_epochs": trainer.max_epochs,
-            "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),  # -1: no --seed_everything
-            "precision": trainer.precision,
-            "devices": trainer.num_devices * trainer.num_nodes,
-            "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
-        }
-        params = {
-            f"{group}/{k}": v
-            for group, hp in (("model", pl_module.hparams), ("data", data), ("trainer", settings))
-            for k, v in hp.items()
-            if not k.startswith("_")  # LightningCLI's bookkeeping, not a hyperparameter
-        }
-        writer = trainer.logger.experiment
-        mapped = isinstance(trainer.logger, RunLogger)
-        writer.add_custom_scalars(LAYOUT if mapped else {})
-        log_hparams(writer, params, METRICS if mapped else tuple(map(_unmapped, METRICS)))
-
-
 def _unmapped(name: str) -> str:
     return "val/acc_best" if name == "acc/val_best" else name
 
@@ -158,8 +131,34 @@ def mistakes_figure(images: torch.Tensor, true: torch.Tensor, predicted: torch.T
     return figure
 
 
-class TestPictures(Callback):
-    """Per-digit test accuracy, and in TensorBoard the confusion matrix and the first misread digits."""
+class RunReport(Callback):
+    """What fit reports besides the curves: the run in TensorBoard's Custom Scalars and HPARAMS tabs, with
+    the model's, the data's and the Trainer's settings; per-digit test accuracy; and in TensorBoard the
+    confusion matrix and the first misread digits. One callback, as Lightning calls every callback at
+    every hook, each step too.
+    """
+
+    def on_train_start(self, trainer: Trainer, pl_module) -> None:
+        if not (isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero):
+            return
+        data = trainer.datamodule.hparams if trainer.datamodule else {}
+        settings = {
+            "max_epochs": trainer.max_epochs,
+            "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),  # -1: no --seed_everything
+            "precision": trainer.precision,
+            "devices": trainer.num_devices * trainer.num_nodes,
+            "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
+        }
+        params = {
+            f"{group}/{k}": v
+            for group, hp in (("model", pl_module.hparams), ("data", data), ("trainer", settings))
+            for k, v in hp.items()
+            if not k.startswith("_")  # LightningCLI's bookkeeping, not a hyperparameter
+        }
+        writer = trainer.logger.experiment
+        mapped = isinstance(trainer.logger, RunLogger)
+        writer.add_custom_scalars(LAYOUT if mapped else {})
+        log_hparams(writer, params, METRICS if mapped else tuple(map(_unmapped, METRICS)))
 
     def on_test_start(self, trainer: Trainer, pl_module) -> None:
         # validate_args=False: the argument checks would sync with the device on every update.
