@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -348,6 +349,22 @@ def test_an_unattributed_os_error_is_one_line(capsys):
         capsys.readouterr().err
         == "error: [Errno 28] No space left on device: 'lightning_logs/version_0/events.out.tfevents'\n"
     )
+
+
+@pytest.mark.slow
+def test_sigterm_exits_non_zero_saying_how_to_resume(data_dir, tmp_path):
+    """SLURM sends SIGTERM before preemption; Lightning ends the run with a SystemExit of status 0."""
+    args = ["--data.data_dir", str(data_dir), *LONG]
+    run, err, last = interrupt_mid_run(args, tmp_path, signal.SIGTERM)
+    assert run.returncode == 2 and "Traceback" not in err
+    assert re.fullmatch(
+        r"error: stopped by SIGTERM in epoch \d+ of 40; the epochs before it are in last.ckpt: "
+        r"resume with --ckpt_path last",
+        err.strip().splitlines()[-1],
+    )
+    assert not (tmp_path / "lightning_logs" / "version_0" / "metrics.json").exists()  # it did not finish
+    resumed = run_module("mnist_lightning.fit", "--ckpt_path", "last", cwd=tmp_path)
+    assert "epoch 40/40" in resumed.stdout
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 
 class UserError(Exception):
@@ -39,17 +38,6 @@ def config_error(err: Exception) -> UserError:
     if re.search(r"accelerator|strateg|backend|\b(devices?|gpus?|cuda|mps|tpus?)\b", message, re.IGNORECASE):
         message += " (check --trainer.accelerator, --trainer.devices, --trainer.strategy)"
     return UserError(message)
-
-
-def write_output(path: Path, content: str | bytes) -> None:
-    """Write a command's --output file, or say in one line why it cannot be written."""
-    try:
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content, newline="")  # as given: the csv module writes its own line ends
-    except OSError as err:
-        raise UserError(f"cannot write {path} ({err.strerror}); pass --output somewhere writable") from None
 
 
 def run_main(main: Callable[[list[str]], object], args: list[str] | None = None) -> None:

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from jsonargparse import ArgumentError, ArgumentParser
 
 from mnist_lightning.checkpoint import load_checkpoint
-from mnist_lightning.errors import UserError, run_main, usage_error, write_output
+from mnist_lightning.errors import UserError, run_main, usage_error
 from mnist_lightning.idx import load_split, raw_dir
 from mnist_lightning.net import MNIST_MEAN, MNIST_STD, normalise
+from mnist_lightning.outputs import write_output
 
 
 def evaluate(net, data: dict, label_smoothing: float = 0.0) -> dict:
@@ -134,7 +135,7 @@ def cli_main(args: list[str] | None = None) -> dict:
     result = {"checkpoint": config.ckpt_path, "data": data, **evaluate(net, data, label_smoothing)}
     print(report(result))
     output = Path(config.output or Path(config.ckpt_path).with_name(Path(config.ckpt_path).stem + ".eval.json"))
-    write_output(output, json.dumps(result, indent=2) + "\n")
+    write_output(output, json.dumps(result, indent=2) + "\n", made_from=Path(config.ckpt_path))
     print(f"\nwrote {output}")
     return result
 

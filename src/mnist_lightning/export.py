@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from mnist_lightning.checkpoint import load_checkpoint
-from mnist_lightning.errors import UserError, run_main, write_output
+from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.net import normalise
+from mnist_lightning.outputs import write_output
 
 TOLERANCE = 1e-4  # on the logits; float32 kernels of different runtimes differ by ~1e-6
 
@@ -109,7 +110,7 @@ def cli_main(args: list[str] | None = None) -> float:
             f"the {config.format} export differs from PyTorch by up to {difference:.2e} (tolerance {TOLERANCE:.0e}); "
             "nothing was written"
         )
-    write_output(config.output, exported)
+    write_output(config.output, exported, made_from=Path(config.ckpt_path))
     print(f"wrote {config.output} ({config.format}, {len(exported):,} bytes)")
     print(f"max abs difference from PyTorch on a batch of 7: {difference:.2e} (tolerance {TOLERANCE:.0e})")
     return difference

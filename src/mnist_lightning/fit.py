@@ -14,6 +14,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mnist_lightning import runs, speedups
 from mnist_lightning.callbacks import EpochTimer, ProcessGroupTeardown
@@ -21,7 +22,7 @@ from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.checks import RunChecks
 from mnist_lightning.cli import MNISTCLI
 from mnist_lightning.data import MNISTDataModule
-from mnist_lightning.errors import config_error, run_main, usage_error
+from mnist_lightning.errors import UserError, config_error, run_main, usage_error
 from mnist_lightning.model import MNISTClassifier
 from mnist_lightning.report import RunReport
 
@@ -76,9 +77,14 @@ def cli_main(args: list[str] | None = None, callbacks: tuple[Callback, ...] = ()
         fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best_or_final = "best" if best else None
         tested = trainer.test(model, datamodule=data, ckpt_path=best_or_final, verbose=False, weights_only=True)
-    except BaseException:
+    except BaseException as err:
         if cli.claimed and trainer.global_step == 0:  # it failed before training: nothing to keep
             runs.release(cli.claimed)
+        if isinstance(err, SIGTERMException):  # a SystemExit with status 0: a requeue script would see success
+            raise UserError(
+                f"stopped by SIGTERM in epoch {trainer.current_epoch + 1} of {trainer.max_epochs}; the epochs "
+                "before it are in last.ckpt: resume with --ckpt_path last"
+            ) from None
         raise
     test_metrics = tested[0] if tested else {}  # none with --trainer.limit_test_batches 0
     result = {

@@ -19,8 +19,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnist_lightning.checkpoint import load_checkpoint
-from mnist_lightning.errors import UserError, run_main, write_output
+from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.net import normalise
+from mnist_lightning.outputs import write_output
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}  # what a folder is searched for
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo; anything bigger is refused as a likely decompression bomb

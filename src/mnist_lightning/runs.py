@@ -11,6 +11,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from mnist_lightning.errors import UserError
+from mnist_lightning.outputs import atomic_write, disk_error
 
 # What a run writes into its folder; a failed run's folder holding anything else is left alone.
 RUN_FILES = ("config.yaml", "hparams.yaml", "metrics.json", "events.out.tfevents.*", "checkpoints/*.ckpt")
@@ -125,19 +126,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
                 stale.unlink(missing_ok=True)
-            with open(temporary, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except OSError as err:
-            temporary.unlink(missing_ok=True)
+            atomic_write(path, lambda file: torch.save(checkpoint, file))
+        except (OSError, RuntimeError) as err:
+            cause = disk_error(err)  # a full disk reaches torch.save's caller as a RuntimeError
+            if cause is None:
+                raise
             raise UserError(
-                f"could not write checkpoint {path} ({err.strerror}); any earlier one is kept. "
+                f"could not write checkpoint {path} ({cause.strerror or cause}); any earlier one is kept. "
                 "Free some space or pass --trainer.default_root_dir DIR"
             ) from None
