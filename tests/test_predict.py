@@ -2,6 +2,7 @@ import csv
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +121,9 @@ def test_unreadable_files_say_why(tmp_path):
     for name, message in expected.items():
         with pytest.raises(UserError, match=message):
             read_image(tmp_path / name)
+        if name != "missing.png":  # the server's uploads: the same refusal from the bytes alone
+            with pytest.raises(UserError, match=message):
+                read_image((tmp_path / name).read_bytes())
 
 
 @pytest.fixture
@@ -145,6 +149,11 @@ def image_folder(tmp_path):
     png_claiming(tmp_path / "bomb.png", 50000, 50000)
     (tmp_path / "readme.txt").write_text("not searched: not an image suffix")
     return tmp_path, sorted(str(tmp_path / name) for name in good)
+
+
+def test_the_bytes_of_a_file_read_exactly_like_the_file(image_folder):
+    for path in map(Path, image_folder[1]):
+        assert np.array_equal(read_image(path.read_bytes()), read_image(path)), path.name
 
 
 def test_cli_predicts_every_good_image_and_names_each_bad_one(image_folder, trained_ckpt, tmp_path_factory, capsys):

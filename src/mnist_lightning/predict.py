@@ -71,14 +71,14 @@ def preprocess(image: Image.Image) -> np.ndarray:
     return out
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Open and preprocess one file; a UserError says in a few words why it can't be."""
+def read_image(source: Path | bytes) -> np.ndarray:
+    """Open and preprocess one file, or its bytes (an upload); a UserError says in a few words why it can't be."""
     try:
-        if path.stat().st_size == 0:
+        if (len(source) if isinstance(source, bytes) else source.stat().st_size) == 0:
             raise UserError("empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise Image.DecompressionBombError
                 image.load()

@@ -1,0 +1,179 @@
+"""The HTTP API and the draw-a-digit page: a FastAPI app around one checkpoint's network.
+
+Images are read by predict's own ``read_image``, so a file gets the same answer here as from predict.
+Uploads stay in memory: nothing is written to disk.
+"""
+
+import base64
+import gc
+import hmac
+import io
+import json
+import os
+from importlib.resources import files
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from mnist_lightning.checkpoint import load_checkpoint
+from mnist_lightning.errors import UserError
+from mnist_lightning.net import normalise
+from mnist_lightning.predict import read_image
+
+SETTINGS_VARIABLE = "MNIST_SERVE_SETTINGS"  # how the processes of --workers N learn what to serve
+# Smaller bodies are decoded on the event loop: for a 28x28 PNG the hop to a thread costs more than the work.
+# A photo goes to a thread, so that its 100 ms of decoding does not hold up the small requests behind it.
+INLINE_BYTES = 64_000
+RAW_TYPES = ("", "application/octet-stream")  # besides image/*; curl --data-binary sends a form type instead
+# The page is one file with inline script and style; the policy keeps it from fetching anything else.
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'"
+)
+
+
+class BadRequest(Exception):
+    """A request the client can fix: answered with its status and ``{"error": message, **extra}``."""
+
+    def __init__(self, status: int, message: str, **extra):
+        super().__init__(message)
+        self.status, self.body = status, {"error": message, **extra}
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    too_big = BadRequest(413, f"the upload is over the server's limit of {max_bytes:,} bytes; send a smaller image")
+    if int(request.headers.get("content-length") or 0) > max_bytes:
+        raise too_big  # refused before reading any of it
+    body = bytearray()
+    async for chunk in request.stream():  # a chunked upload has no length to check up front
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_big
+    return bytes(body)
+
+
+def multipart_file(body: bytes, content_type: str) -> bytes:
+    """The first file in a multipart/form-data body, parsed in memory (Starlette's form() spools big ones to disk)."""
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if not boundary:
+        raise BadRequest(400, "malformed multipart upload: its Content-Type has no boundary")
+    parts: list[tuple[dict[bytes, bytes], bytearray]] = []  # each part's headers and data
+    field, value, finished = bytearray(), bytearray(), []
+
+    def header_end() -> None:
+        parts[-1][0][bytes(field).lower()] = bytes(value)
+        field.clear()
+        value.clear()
+
+    callbacks = {
+        "on_part_begin": lambda: parts.append(({}, bytearray())),
+        "on_header_field": lambda data, start, end: field.extend(data[start:end]),
+        "on_header_value": lambda data, start, end: value.extend(data[start:end]),
+        "on_header_end": header_end,
+        "on_part_data": lambda data, start, end: parts[-1][1].extend(data[start:end]),
+        "on_end": lambda: finished.append(True),
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as err:
+        raise BadRequest(400, f"malformed multipart upload ({err}); send the image as -F file=@digit.png") from None
+    if not finished:
+        raise BadRequest(400, "malformed multipart upload: it ends before its closing boundary")
+    for headers, data in parts:
+        if b"filename" in parse_options_header(headers.get(b"content-disposition", b""))[1]:
+            return bytes(data)
+    raise BadRequest(400, "the multipart upload holds no file; send the image as a file field: -F file=@digit.png")
+
+
+def create_app(net: torch.nn.Module, mean: float, std: float, *, api_key: str | None, max_bytes: int) -> FastAPI:
+    torch.set_num_threads(1)  # one small image a call has nothing to share out; workers are the parallelism
+    # What exists now (torch, the network) lives as long as the process: keep it out of every garbage
+    # collection. A full one over it took 150-160 ms here, a stall for every request in flight.
+    gc.collect()
+    gc.freeze()
+    page = files("mnist_lightning").joinpath("static/index.html").read_text(encoding="utf-8")
+    app = FastAPI(title="mnist-lightning", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, err: BadRequest) -> JSONResponse:
+        return JSONResponse(err.body, status_code=err.status)
+
+    @app.exception_handler(HTTPException)  # Starlette's own 404 and 405, as JSON like the rest
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": err.detail}, status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(Exception)  # a bug answers 500 as JSON too; uvicorn logs its traceback and serves on
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        return JSONResponse({"error": "internal server error; the server's log has the traceback"}, status_code=500)
+
+    @app.get("/")
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.post("/predict")
+    async def predict(request: Request) -> JSONResponse:
+        if api_key and not hmac.compare_digest(request.headers.get("x-api-key", "").encode(), api_key.encode()):
+            raise BadRequest(401, "missing or wrong API key; send it in the X-API-Key header")
+        content_type = request.headers.get("content-type", "").strip().lower()
+        kind = content_type.split(";")[0].strip()
+        if not (kind in RAW_TYPES or kind.startswith("image/") or kind == "multipart/form-data"):
+            raise BadRequest(
+                415,
+                f"Content-Type {kind} is not an image; send the file as the body with Content-Type image/png "
+                "(or image/jpeg, ...) or as a multipart upload: curl -F file=@digit.png",
+            )
+        body = await read_body(request, max_bytes)
+        data = multipart_file(body, content_type) if kind == "multipart/form-data" else body
+        if not data:
+            raise BadRequest(400, "the upload is empty; send one image file")
+        try:
+            image = read_image(data) if len(data) <= INLINE_BYTES else await run_in_threadpool(read_image, data)
+        except UserError as err:
+            raise BadRequest(422, f"{err}", blank=str(err).startswith("no digit found")) from None
+        return JSONResponse(answer(image, classify(net, mean, std, image)))
+
+    return app
+
+
+def classify(net: torch.nn.Module, mean: float, std: float, image: np.ndarray) -> torch.Tensor:
+    """The ten probabilities for one 28x28 uint8 image."""
+    with torch.inference_mode():
+        return net(normalise(torch.from_numpy(image[None]).unsqueeze(1), mean, std)).softmax(1)[0]  # as predict
+
+
+def answer(image: np.ndarray, probabilities: torch.Tensor) -> dict:
+    """/predict's JSON: predict's digit, probability and top 3, all ten probabilities and the image seen."""
+    top = probabilities.topk(3)
+    return {
+        "digit": int(top.indices[0]),
+        "probability": float(top.values[0]),
+        "top3": [list(pair) for pair in zip(top.indices.tolist(), top.values.tolist(), strict=True)],
+        "probabilities": probabilities.tolist(),
+        "image": "data:image/png;base64," + base64.b64encode(as_png(image)).decode(),
+    }
+
+
+def from_environment() -> FastAPI:
+    """The app for one process of ``--workers N``, built from the settings the command put in the environment."""
+    settings = json.loads(os.environ[SETTINGS_VARIABLE])
+    net, (mean, std), _ = load_checkpoint(settings["ckpt_path"])
+    return create_app(net, mean, std, api_key=settings["api_key"], max_bytes=settings["max_bytes"])
+
+
+def as_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
