@@ -21,11 +21,6 @@ from mnist_lightning.outputs import write_output
 
 TOLERANCE = 1e-4  # on the logits; float32 kernels of different runtimes differ by ~1e-6
 
-# torch.jit is deprecated in favour of torch.export, and the ONNX exporter used here (the TorchScript
-# one, which unlike the dynamo one needs no onnxscript) says so too; both still work.
-warnings.filterwarnings("ignore", r".*torch\.jit.*is deprecated.*", FutureWarning)
-warnings.filterwarnings("ignore", ".*legacy TorchScript-based ONNX export.*", DeprecationWarning)
-
 
 class RawPixels(nn.Module):
     """The network behind the normalisation it was trained with: 0-255 pixels in, logits out."""
@@ -83,13 +78,18 @@ def export(ckpt_path: str, kind: str, normalised_input: bool = False) -> tuple[b
     x = normalise(pixels, mean, std) if normalised_input else pixels
     with torch.inference_mode():
         expected = module(x)
-    # Traced with a batch of 2, checked with 7: the batch dimension must really be dynamic.
-    if kind == "onnx":
-        exported = to_onnx(module, x[:2], "normalised" if normalised_input else "pixels")
-        got = run_onnx(exported, x)
-    else:
-        exported = to_torchscript(module)
-        got = run_torchscript(exported, x)
+    with warnings.catch_warnings():
+        # torch.jit is deprecated in favour of torch.export, and the ONNX exporter used here (the TorchScript
+        # one, which unlike the dynamo one needs no onnxscript) says so too; both still work.
+        warnings.filterwarnings("ignore", r".*torch\.jit.*is deprecated.*", FutureWarning)
+        warnings.filterwarnings("ignore", ".*legacy TorchScript-based ONNX export.*", DeprecationWarning)
+        # Traced with a batch of 2, checked with 7: the batch dimension must really be dynamic.
+        if kind == "onnx":
+            exported = to_onnx(module, x[:2], "normalised" if normalised_input else "pixels")
+            got = run_onnx(exported, x)
+        else:
+            exported = to_torchscript(module)
+            got = run_torchscript(exported, x)
     return exported, (got - expected).abs().max().item()
 
 

@@ -2,13 +2,11 @@
 
 import json
 import logging
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import torch
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback
@@ -17,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mnist_lightning import runs, speedups
-from mnist_lightning.callbacks import EpochTimer, ProcessGroupTeardown
+from mnist_lightning.callbacks import EpochTimer, ProcessGroupTeardown, closing_lines
 from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.checks import RunChecks
 from mnist_lightning.cli import MNISTCLI
@@ -105,37 +103,6 @@ def cli_main(args: list[str] | None = None, callbacks: tuple[Callback, ...] = ()
         tensorboard = isinstance(trainer.logger, TensorBoardLogger)
         print(closing_lines(result, Path(log_dir) if log_dir else None, model.hparams.label_smoothing, tensorboard))
     return result
-
-
-def here(path) -> str:
-    """A path as the user would type it: relative to the current folder if it is inside it."""
-    relative = os.path.relpath(path)
-    return str(path) if relative.startswith("..") else relative
-
-
-def closing_lines(result: dict, run: Path | None, smoothing: float, tensorboard: bool) -> str:
-    """What a user needs at the end: the test figures, where the run is, and what to run next."""
-    if "test/acc" in result:
-        lines = [f"test/acc {result['test/acc']:.4f}  test/loss {result['test/loss']:.4f}"]
-        if smoothing:
-            # The loss against smoothed targets cannot reach 0: a perfect model scores their entropy.
-            p = torch.tensor([1 - smoothing + smoothing / 10] + [smoothing / 10] * 9)
-            lines[0] += (
-                f" (with label smoothing {smoothing:g}; a perfect model scores {float(-(p * p.log()).sum()):.3f})"
-            )
-    else:
-        lines = ["no test batches (--trainer.limit_test_batches 0): the run was not tested"]
-    ckpt = result["best_model_path"]
-    if run:
-        lines.append(f"run         {here(run)}")
-    if run and tensorboard:
-        lines.append(f"TensorBoard tensorboard --logdir {here(run)}")
-    if ckpt:
-        lines += [
-            f"evaluate    python -m mnist_lightning.evaluate --ckpt_path {here(ckpt)}",
-            f"predict     python -m mnist_lightning.predict --ckpt_path {here(ckpt)} YOUR_IMAGES",
-        ]
-    return "\n".join(lines)
 
 
 def main() -> None:
