@@ -72,3 +72,20 @@ def test_inference_prints_predict_and_the_runtimes(data_dir, trained_ckpt, tmp_p
     assert re.search(r"^\| predict, one image \| \d+\.\d\d \|", proc.stdout, re.M)
     runtimes = re.findall(r"^\| (PyTorch \(eager\)|ONNX Runtime|TorchScript) \| (1|301) \|", proc.stdout, re.M)
     assert len(runtimes) == 6
+
+
+@pytest.mark.slow
+def test_serve_prints_a_table_per_image_kind(data_dir, trained_ckpt, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve.py"), str(trained_ckpt), str(data_dir)]
+        + ["--seconds", "1", "--max_seconds", "2", "--connections", "2", "--workers", "1", "--pngs", "4"]
+        + ["--jpegs", "1", "--client", "asyncio"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("| workers | connections | requests/s |") == 2
+    rows = re.findall(r"^\| 1 \| 2 \| ([\d,.]+) \|.*\| (\d+) \| [\d,]+ \| \d+ \|$", proc.stdout, re.M)
+    assert len(rows) == 2 and all(float(rate.replace(",", "")) > 0 and errors == "0" for rate, errors in rows)
