@@ -91,3 +91,26 @@ def run_module(
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; `playwright install` cannot download browsers here
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by Playwright; the test is skipped, saying why, without either."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (dev extra)")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no browser at {CHROMIUM}: apt-get install -y chromium")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> Path:
+    """Where screenshots go: $TEST_ARTIFACTS, else a temporary folder."""
+    folder = Path(os.environ.get("TEST_ARTIFACTS") or tmp_path_factory.mktemp("artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -15,10 +15,7 @@ import pytest
 from conftest import run_module
 from serving import Server
 
-CHROMIUM = "/usr/bin/chromium"
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (the dev extra)")
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no browser at {CHROMIUM}: apt-get install -y chromium", allow_module_level=True)
 expect = sync_api.expect
 
 pytestmark = pytest.mark.slow
@@ -47,21 +44,6 @@ def ckpt(trained_ckpt, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("real_fit")
     run_module("mnist_lightning.fit", "--data.data_dir", REAL_DATA, "--trainer.default_root_dir", str(root), cwd=root)
     return Path(json.loads(next(root.glob("lightning_logs/version_*/metrics.json")).read_text())["best_model_path"])
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> Path:
-    folder = Path(os.environ.get("TEST_ARTIFACTS") or tmp_path_factory.mktemp("artifacts"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield launched
-        launched.close()
 
 
 @pytest.fixture
