@@ -50,7 +50,8 @@ class Speedups:
         # Lightning sets _current_fx_name around every hook it calls, some 40 times a training step, and
         # nn.Module.__setattr__ checks parameters, buffers and submodules each time. A plain string
         # attribute needs none of those checks. Gain: 0.3 s of a 4.6 s default loop.
-        if name == "_current_fx_name" and on("hook_names"):
+        # The set read inline, not through on(): this runs some 40 times a step.
+        if name == "_current_fx_name" and "hook_names" in (configure() if _active is None else _active):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
