@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 MISTAKES_SHOWN = 64  # misread test digits pictured
 # The HPARAMS columns ticked when TensorBoard opens (it ticks five); the others are a click away.
 TICKED = ("data/batch_size", "model/label_smoothing", "model/lr", "trainer/max_epochs", "trainer/seed")
-METRICS = ("acc/val_best", "test/acc", "test/loss")
+METRICS = ("val/acc_best", "test/acc", "test/loss")  # the HPARAMS metrics, by their metric keys
 
 
 def tag(key: str) -> str:
@@ -75,10 +75,6 @@ def log_hparams(writer: SummaryWriter, params: dict, metric_names: tuple[str, ..
     value.metadata.plugin_data.content = data.SerializeToString()
     for summary in (experiment, start, end):
         writer._get_file_writer().add_summary(summary)
-
-
-def _unmapped(name: str) -> str:
-    return "val/acc_best" if name == "acc/val_best" else name
 
 
 def confusion_figure(matrix: torch.Tensor) -> "Figure":
@@ -158,7 +154,7 @@ class RunReport(Callback):
         writer = trainer.logger.experiment
         mapped = isinstance(trainer.logger, RunLogger)
         writer.add_custom_scalars(LAYOUT if mapped else {})
-        log_hparams(writer, params, METRICS if mapped else tuple(map(_unmapped, METRICS)))
+        log_hparams(writer, params, tuple(map(tag, METRICS)) if mapped else METRICS)
 
     def on_test_start(self, trainer: Trainer, pl_module) -> None:
         # validate_args=False: the argument checks would sync with the device on every update.
