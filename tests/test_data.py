@@ -1,11 +1,19 @@
+import gzip
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DistributedSampler
 from torchvision import datasets
 
 from conftest import TEST_SIZE, TRAIN_SIZE, write_dataset, write_idx
+from mnist_lightning import idx
 from mnist_lightning.data import DeviceBatches, MNISTDataModule, TensorBatches
 from mnist_lightning.errors import UserError
+from mnist_lightning.idx import load_split
 
 
 def make(data_dir, **kwargs) -> MNISTDataModule:
@@ -165,3 +173,74 @@ def test_images_that_are_not_28x28(tmp_path):
     write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((TEST_SIZE, 20, 20), np.uint8))
     with pytest.raises(UserError, match=r"holds \(20, 20\) images, expected 28x28"):
         MNISTDataModule(data_dir=str(tmp_path)).setup("test")
+
+
+def gzipped(raw: Path) -> dict[str, str]:
+    """Replace the four files by their .gz archives, as the mirrors serve them; returns their md5s."""
+    sums = {}
+    for path in [p for p in raw.iterdir() if not p.name.endswith(".gz")]:
+        sums[path.name] = hashlib.md5(path.read_bytes()).hexdigest()
+        (raw / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    return sums
+
+
+def test_the_gz_archives_alone_are_used_offline_and_checked(tmp_path, monkeypatch):
+    raw = tmp_path / "MNIST" / "raw"
+    write_dataset(raw)
+    plain = load_split(raw, "train")
+    sums = gzipped(raw)
+    monkeypatch.setitem(idx.RAW_MD5, "mnist", sums)  # the synthetic files play the published ones
+    dm = MNISTDataModule(data_dir=str(tmp_path), val_size=10)
+    dm.prepare_data()  # the archives are there: no download is tried
+    assert all(torch.equal(a, b) for a, b in zip(load_split(raw, "train"), plain, strict=True))
+    assert sorted(p.name for p in raw.iterdir()) == sorted(f"{name}.gz" for name in sums)  # nothing written
+    monkeypatch.setitem(idx.RAW_MD5, "mnist", {})
+    with pytest.raises(UserError, match=r"train-images-idx3-ubyte.gz does not hold the published MNIST file"):
+        load_split(raw, "train")
+    archive = raw / "t10k-images-idx3-ubyte.gz"
+    archive.write_bytes(archive.read_bytes()[:-8])  # gzip's CRC and length are its last 8 bytes
+    with pytest.raises(UserError, match=r"t10k-images-idx3-ubyte.gz is not a whole gzip archive"):
+        load_split(raw, "test")
+
+
+def test_fashion_mnist_files_in_the_mnist_folder_are_named(tmp_path, monkeypatch):
+    raw = tmp_path / "MNIST" / "raw"
+    write_dataset(raw)
+    sums = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in raw.iterdir()}
+    monkeypatch.setitem(idx.RAW_MD5, "fashion_mnist", sums)
+    with pytest.warns(
+        UserWarning,
+        match=r"train-images-idx3-ubyte is Fashion-MNIST's file, not MNIST's; .*"
+        r"Move the files to FashionMNIST/raw/ and pass --data.dataset fashion_mnist",
+    ):
+        load_split(raw, "train")
+    monkeypatch.setitem(idx.RAW_MD5, "fashion_mnist", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_split(raw, "train")  # files of neither dataset (one's own): no warning
+
+
+def test_headers_that_overflow_or_hold_no_images_are_named(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    write_dataset(raw)
+    huge = bytes([0, 0, 8, 3]) + b"".join((2**32 - 1).to_bytes(4, "big") for _ in range(3))
+    (raw / "t10k-images-idx3-ubyte").write_bytes(huge + bytes(100))
+    with pytest.raises(
+        UserError, match=r"should be 79228162458924105385300197391 bytes for shape \(4294967295, 4294967295"
+    ):
+        load_split(raw, "test")
+    write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.zeros(0, np.uint8))
+    with pytest.raises(UserError, match=r"t10k-images-idx3-ubyte holds no images"):
+        load_split(raw, "test")
+
+
+def test_a_data_dir_that_is_a_file_or_a_symlink_loop_names_the_option(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"--data.data_dir .*file is a file, not a folder"):
+        MNISTDataModule(data_dir=str(tmp_path / "file"))
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(UserError, match=r"--data.data_dir .*a cannot be used: .*\(a symlink loop\); pass a folder"):
+        MNISTDataModule(data_dir=str(tmp_path / "a"))

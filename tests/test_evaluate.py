@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 
+from conftest import TEST_SIZE
 from mnist_lightning.errors import run_main
 from mnist_lightning.evaluate import cli_main
 
@@ -55,3 +56,15 @@ def test_bad_data_options_exit_2_with_one_line(trained_ckpt, capsys, args, messa
         run_main(cli_main, ["--ckpt_path", str(trained_ckpt), *args])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_the_test_files_alone_are_enough(data_dir, trained_ckpt, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        shutil.copy(data_dir / "MNIST" / "raw" / name, raw / name)
+    out = str(tmp_path / "e.json")
+    result = cli_main(["--ckpt_path", str(trained_ckpt), "--data.data_dir", str(tmp_path), "--output", out])
+    assert result["images"] == TEST_SIZE and sorted(p.name for p in raw.iterdir()) == sorted(
+        ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    )  # nothing downloaded

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_convert
 
 from mnist_lightning.errors import UserError
-from mnist_lightning.idx import FILES, FOLDERS, load_split, raw_dir
+from mnist_lightning.idx import FILES, FOLDERS, load_split, present, raw_dir
 from mnist_lightning.net import MNIST_MEAN, MNIST_STD, normalise
 
 
@@ -109,7 +109,7 @@ class MNISTDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Download the four files if any is missing (Lightning runs this on one process per node)."""
-        if all((self.raw_dir / name).is_file() for split in FILES.values() for name in split):
+        if all(present(self.raw_dir / name) for split in FILES.values() for name in split):
             return
         from torchvision import datasets  # only to download: it takes a second to import
 
