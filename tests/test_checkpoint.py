@@ -1,6 +1,8 @@
 import os
 import random
 import shlex
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -44,6 +46,33 @@ def nan_bias(ckpt) -> dict:
     return with_state(ckpt, state)
 
 
+def rotted(ckpt) -> bytes:
+    """One bit flipped inside the first layer's weights, the zip's CRCs left as they were."""
+    raw = bytearray(ckpt.read_bytes())
+    with zipfile.ZipFile(ckpt) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    name_length, extra_length = struct.unpack("<HH", raw[member.header_offset + 26 : member.header_offset + 30])
+    raw[member.header_offset + 30 + name_length + extra_length + 1000] ^= 0x10
+    return bytes(raw)
+
+
+def bomb(ckpt) -> bytes:
+    """A member whose central-directory entry declares 4 GB: what a zip bomb's says, before inflating."""
+    raw = bytearray(ckpt.read_bytes())
+    with zipfile.ZipFile(ckpt) as archive:
+        member = archive.infolist()[0]
+    entry = raw.index(b"PK\x01\x02")  # the first member's central-directory entry
+    assert raw[entry + 46 : entry + 46 + len(member.filename)] == member.filename.encode()
+    raw[entry + 24 : entry + 28] = struct.pack("<I", 2**32 - 1)
+    return bytes(raw)
+
+
+def with_data(ckpt, **data) -> dict:
+    checkpoint = real(ckpt)
+    checkpoint["datamodule_hyper_parameters"].update(data)
+    return checkpoint
+
+
 # Each case: what to write in place of the good checkpoint, and what the message must say.
 CASES = {
     "missing": (lambda ckpt: None, "does not exist"),
@@ -65,6 +94,10 @@ CASES = {
         r"net.1.weight: checkpoint \(32, 784\) vs model \(128, 784\); net.1.bias: checkpoint \(32,\)",
     ),
     "nan weights": (nan_bias, "NaN or infinite weights in net.5.bias"),
+    "bit rot": (rotted, "is corrupt: archive/data/0 fails its CRC check"),
+    "zip bomb": (bomb, r"bytes declare 4,29\d,\d{3},\d{3} bytes uncompressed \(a zip bomb\)"),
+    "std 0": (lambda ckpt: with_data(ckpt, std=0.0), "normalises with mean 0.1307 and std 0.0, which would turn"),
+    "nan mean": (lambda ckpt: with_data(ckpt, mean=float("nan")), "normalises with mean nan and std 0.3081"),
 }
 
 

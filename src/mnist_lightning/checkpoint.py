@@ -1,6 +1,8 @@
 """Load a checkpoint written by fit without running any code from it, or say clearly why not."""
 
+import math
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ def _read(path: Path) -> dict:
         raise UserError(f"checkpoint {path} is not a file; {WHAT_TO_DO}")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty; {WHAT_TO_DO}")
+    _check_archive(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4", on foreign pickles
@@ -41,6 +44,33 @@ def _read(path: Path) -> dict:
     if not isinstance(checkpoint, dict):
         raise UserError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint; {WHAT_TO_DO}")
     return checkpoint
+
+
+def _check_archive(path: Path) -> None:
+    """torch.save writes a zip: check each member's CRC (milliseconds) before trusting its bytes, and
+    refuse a zip bomb before anything is inflated. Not a zip at all is torch.load's to refuse."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return
+    with archive:
+        # torch.save stores its members uncompressed, and float weights barely compress: a member
+        # declaring far more bytes than the whole file is a bomb, whatever it holds.
+        declared, size = sum(info.file_size for info in archive.infolist()), path.stat().st_size
+        if declared > 100 * size + 2**27:
+            raise UserError(
+                f"checkpoint {path} was refused: its {size:,} bytes declare {declared:,} bytes uncompressed "
+                f"(a zip bomb); do not use it, {WHAT_TO_DO}"
+            )
+        try:
+            bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
+            raise UserError(f"checkpoint {path} is corrupt ({err}); use an earlier one or train again") from None
+    if bad:
+        raise UserError(
+            f"checkpoint {path} is corrupt: {bad} fails its CRC check (bit rot or a bad copy); "
+            "use an earlier one or train again"
+        )
 
 
 def load_checkpoint(path: str | Path, like: nn.Module | None = None) -> tuple[MLP, tuple[float, float], dict]:
@@ -66,6 +96,12 @@ def load_checkpoint(path: str | Path, like: nn.Module | None = None) -> tuple[ML
         raise UserError(
             f"checkpoint {path} is not from mnist_lightning: it lacks the state_dict, the hidden1/hidden2 "
             f"hyperparameters or the data mean/std; {WHAT_TO_DO}"
+        )
+    mean, std = float(data["mean"]), float(data["std"])
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise UserError(
+            f"checkpoint {path} normalises with mean {mean} and std {std}, which would turn every image into "
+            "NaN or infinity; use another checkpoint"
         )
     net = MLP(hparams["hidden1"], hparams["hidden2"])
     expected = {f"net.{k}": v for k, v in (like or net).state_dict().items()}
@@ -94,4 +130,4 @@ def load_checkpoint(path: str | Path, like: nn.Module | None = None) -> tuple[ML
     settings = {
         group: {k: v for k, v in hp.items() if k[0] != "_"} for group, hp in (("data", data), ("model", hparams))
     }
-    return net.eval(), (float(data["mean"]), float(data["std"])), settings
+    return net.eval(), (mean, std), settings
