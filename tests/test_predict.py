@@ -1,6 +1,9 @@
 import csv
 import json
+import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -164,7 +167,8 @@ def test_cli_predicts_every_good_image_and_names_each_bad_one(image_folder, trai
         run_main(cli_main, [*args, "--save-preprocessed", str(out / "seen")])
     assert exit_.value.code == 2
     captured = capsys.readouterr()
-    errors = captured.err.splitlines()
+    note, *errors = captured.err.splitlines()
+    assert note == f"note: {folder}: skipped what is not an image: 1 .txt"
     assert sorted(line.split(": ")[1] for line in errors[:-1]) == sorted(
         str(folder / name) for name in ("bomb.png", "notes.png", "sub/cut.jpg", "sub/empty.png")
     )
@@ -226,7 +230,7 @@ def test_command_line_predicts_the_good_files_despite_a_bad_one(trained_ckpt, tm
 
 def test_a_folder_without_images_is_named(trained_ckpt, tmp_path):
     (tmp_path / "notes.txt").write_text("no digits here")
-    with pytest.raises(UserError, match=r"holds no .bmp, .gif, .jpeg, .jpg, .png, .webp files"):
+    with pytest.raises(UserError, match=r"holds no .bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp files"):
         cli_main(["--ckpt_path", str(trained_ckpt), str(tmp_path)])
 
 
@@ -243,3 +247,42 @@ def test_unwritable_output_is_one_clear_error(trained_ckpt, tmp_path):
                 str(tmp_path / "a_file" / "preds.json"),
             ]
         )
+
+
+def test_tiffs_symlinked_folders_and_low_range_images_are_read(trained_ckpt, tmp_path):
+    seven = np.asarray(drawn_seven(), dtype=np.float64)
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    Image.fromarray((seven / 255 * 4095).astype(np.uint16)).save(real / "twelve_bits.png")  # 12 bits in 16
+    Image.fromarray((seven / 255).astype(np.float32)).save(real / "float.tiff")  # floats in 0-1
+    drawn_seven().save(real / "plain.tif")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "linked").symlink_to(real, target_is_directory=True)
+    (real / "loop").symlink_to(folder, target_is_directory=True)  # walked once, not forever
+    predictions = cli_main(["--ckpt_path", str(trained_ckpt), str(folder)])
+    assert sorted(Path(p["path"]).name for p in predictions) == ["float.tiff", "plain.tif", "twelve_bits.png"]
+    images = [read_image(real / name) for name in ("twelve_bits.png", "float.tiff", "plain.tif")]
+    # Scaled by their own range, the three are one drawing to within rounding.
+    assert max(int(np.abs(a.astype(int) - images[2].astype(int)).max()) for a in images) <= 2
+
+
+def test_a_closed_stdout_still_writes_the_output_and_ends_quietly(trained_ckpt, tmp_path):
+    for i in range(3):
+        drawn_seven().save(tmp_path / f"{i}.png")
+    out = tmp_path / "p.json"
+    command = [sys.executable, "-m", "mnist_lightning.predict", "--ckpt_path", str(trained_ckpt), str(tmp_path)]
+    proc = subprocess.Popen([*command, "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `| head -0`: the reader is gone before the first line
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and stderr == ""
+    assert len(json.loads(out.read_text())) == 3
+
+
+def test_a_file_name_that_is_not_utf8_reaches_the_csv_as_its_bytes(trained_ckpt, tmp_path):
+    name = b"caf\xe9.png"  # Latin-1, as an old camera or a Windows share might name it
+    drawn_seven().save(Path(os.fsdecode(bytes(tmp_path).rstrip(b"/") + b"/" + name)))
+    out = tmp_path / "p.csv"
+    cli_main(["--ckpt_path", str(trained_ckpt), str(tmp_path / os.fsdecode(name)), "--output", str(out)])
+    rows = out.read_bytes().splitlines()
+    assert len(rows) == 2 and rows[1].startswith(bytes(tmp_path) + b"/" + name + b",")

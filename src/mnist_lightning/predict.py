@@ -10,8 +10,10 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +25,19 @@ from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.net import normalise
 from mnist_lightning.outputs import write_output
 
-SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}  # what a folder is searched for
+SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}  # what a folder is searched for
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo; anything bigger is refused as a likely decompression bomb
 INK = 64  # of 255: fainter pixels (paper texture, JPEG noise) do not widen the digit's box
 
 
 def grayscale(image: Image.Image) -> np.ndarray:
     """Gray levels 0-255 as floats; transparency flattened onto a background the ink stands out from."""
-    if image.mode == "I" or image.mode.startswith("I;16"):
-        # 16-bit: Pillow's convert("L") would clip at 255 instead of scaling.
-        return np.asarray(image, dtype=np.float32) / 257
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # 16-bit, 32-bit and float: Pillow's convert("L") would clip at 255. Their scale is anyone's (12 bits in
+        # 16, floats in 0-1 or in counts), so the image's own range becomes 0-255.
+        gray = np.asarray(image, dtype=np.float64)
+        low, high = gray.min(), gray.max()
+        return ((gray - low) * (255 / (high - low)) if high > low else gray * 0).astype(np.float32)
     if "A" in image.mode or "transparency" in image.info:
         gray, alpha = np.moveaxis(np.asarray(image.convert("RGBA").convert("LA"), dtype=np.float32), -1, 0)
         alpha /= 255
@@ -86,7 +91,7 @@ def read_image(source: Path | bytes) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserError(f"over {MAX_PIXELS:,} pixels, refused as a possible decompression bomb") from None
     except UnidentifiedImageError:
-        raise UserError("not an image that can be read (PNG, JPEG, BMP, GIF or WebP)") from None
+        raise UserError("not an image that can be read (PNG, JPEG, BMP, GIF, WebP or TIFF)") from None
     except OSError as err:  # missing, unreadable, truncated
         raise UserError(f"cannot be read: {err.strerror or err}") from None
     except UserError:
@@ -96,16 +101,32 @@ def read_image(source: Path | bytes) -> np.ndarray:
 
 
 def find_images(inputs: list[str]) -> list[Path]:
-    """Named files as given, folders searched recursively for image files."""
+    """Named files as given, folders searched recursively for image files, symlinked folders followed
+    (each real folder once); what a folder holds besides images is counted on stderr, not silently dropped."""
     paths = []
     for name in map(Path, inputs):
-        if name.is_dir():
-            found = sorted(p for p in name.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
-            if not found:
-                raise UserError(f"{name} holds no {', '.join(sorted(SUFFIXES))} files; name the images to read")
-            paths += found
-        else:
+        if not name.is_dir():
             paths.append(name)  # tried whatever its suffix; if missing, it fails with the other bad files
+            continue
+        found, skipped, seen = [], Counter(), set()
+        for folder, subfolders, files in os.walk(name, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:  # a symlink back up the tree, or two links to one folder
+                subfolders.clear()
+                continue
+            seen.add(real)
+            subfolders.sort()
+            for file in map(Path(folder).joinpath, files):
+                if file.suffix.lower() in SUFFIXES and file.is_file():
+                    found.append(file)
+                elif not file.name.startswith("."):
+                    skipped[file.suffix.lower() or "no suffix"] += 1
+        if skipped:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
+            print(f"note: {name}: skipped what is not an image: {kinds}", file=sys.stderr)
+        if not found:
+            raise UserError(f"{name} holds no {', '.join(sorted(SUFFIXES))} files; name the images to read")
+        paths += sorted(found)
     return paths
 
 
@@ -167,7 +188,9 @@ def write(path: Path, predictions: list[dict]) -> None:
     out.writerow(["path", "digit", "probability", "digit2", "probability2", "digit3", "probability3"])
     for row in predictions:
         out.writerow([row["path"], *(x for pair in row["top3"] for x in pair)])
-    write_output(path, text.getvalue())
+    # A file name that is not UTF-8 (Python holds its bytes as surrogates) is written as its own bytes,
+    # as ls prints it, rather than crash the writer.
+    write_output(path, text.getvalue().encode("utf-8", "surrogateescape"))
 
 
 def main() -> None:
