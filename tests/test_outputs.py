@@ -1,6 +1,7 @@
 """Outputs are written whole or not at all, never over their input, and a full disk is one line."""
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -10,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FAST, run_module
 from mnist_lightning import evaluate, export
 from mnist_lightning.errors import UserError
 from mnist_lightning.outputs import atomic_write, write_output
-from mnist_lightning.runs import AtomicCheckpointIO
+from mnist_lightning.runs import AtomicCheckpointIO, write_metrics
 
 
 def test_a_failed_write_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -98,3 +100,45 @@ def test_a_real_full_disk_keeps_the_earlier_checkpoint_and_output(small_disk):
     with pytest.raises(UserError, match=r"cannot write .*preds.json \(No space left on device\)"):
         write_output(out, "x" * 3_000_000)
     assert out.read_text() == "[]" and sorted(p.name for p in small_disk.iterdir()) == ["last.ckpt", "preds.json"]
+
+
+def fill(disk: Path) -> None:
+    """Take every free byte of the disk."""
+    with open(disk / "filler", "wb") as file:
+        try:
+            while True:
+                file.write(bytes(65536))
+                file.flush()
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+
+
+def test_a_real_full_disk_keeps_the_earlier_metrics_and_command_outputs(small_disk, trained_ckpt):
+    write_metrics(small_disk, {"test/acc": 0.9})
+    (small_disk / "eval.json").write_text("{}")
+    fill(small_disk)
+    with pytest.raises(UserError, match=r"could not write .*metrics.json \(No space left on device\); the checkpoints"):
+        write_metrics(small_disk, {"test/acc": 0.95, "padding": "x" * 10_000})
+    for main, args in ((evaluate.cli_main, []), (export.cli_main, ["--format", "onnx"])):
+        out = small_disk / ("eval.json" if main is evaluate.cli_main else "model.onnx")
+        with pytest.raises(UserError, match=rf"cannot write .*{out.name} \(No space left on device\); pass --output"):
+            main(["--ckpt_path", str(trained_ckpt), *args, "--output", str(out)])
+    assert json.loads((small_disk / "metrics.json").read_text()) == {"test/acc": 0.9}
+    assert (small_disk / "eval.json").read_text() == "{}"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["eval.json", "filler", "metrics.json"]
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_under_the_tensorboard_events_is_one_line(small_disk, data_dir):
+    (small_disk / "filler").write_bytes(bytes(1024 * 1024 - 24 * 1024))  # 24 KiB left: a few events fit
+    args = ["--data.data_dir", str(data_dir), *FAST, "--trainer.enable_checkpointing", "false"]
+    proc = run_module(
+        "mnist_lightning.fit", *args, "--trainer.default_root_dir", str(small_disk), cwd=small_disk, check=False
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: the disk is full (No space left on device) writing {small_disk}/lightning_logs/version_0")
+    )
+    assert "Free some space, then resume with --ckpt_path last" in proc.stderr

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch import Callback
 
 from conftest import FAST, run_module, write_dataset
+from mnist_lightning import runs
 from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.fit import cli_main
 from mnist_lightning.runs import AtomicCheckpointIO, claim_version
@@ -57,11 +58,25 @@ def snapshot(folder: Path) -> dict[str, bytes]:
         (["--trainer.num_nodes", "0"], "`num_nodes` must be a positive integer, but got 0."),
         (["--checkpoint.mode", "outputs"], "`mode` can be min, max but got outputs"),
         (["--trainer.logger", "CSVLogger"], "--trainer.logger CSVLogger needs --trainer.logger.save_dir (see --help)"),
+        # Values that parse but would crash later, each refused before anything is written.
+        (["--trainer.max_epochs", "-1"], "one-cycle schedule needs a fixed, positive number of steps, but this run "),
+        (["--trainer.limit_train_batches", "0"], "but this run trains no step (see --trainer.max_epochs"),
+        (["--seed_everything", str(2**32)], f"--seed_everything {2**32} is out of range: use 0 to {2**32 - 1}"),
+        (["--seed_everything", "-5"], "--seed_everything -5 is out of range"),
+        (["--ckpt_path", ""], "--ckpt_path is empty: pass a checkpoint or 'last'"),
+        (["--model.hidden1", str(10**9)], "a 784-1000000000-64-10 network needs 3162.8 GiB for its float32 weights"),
+        (["--data.data_dir", "config.yaml"], "is a file, not a folder: pass the folder holding MNIST/raw/"),
+        (["--config", "laughs.yaml"], "YAML aliases (*a) are refused in configs; write the values out instead"),
     ],
 )
 def test_bad_config_is_one_line_and_touches_nothing(good_run, data_dir, capsys, args, message):
+    laughs = good_run.parent.parent / "laughs.yaml"  # a "billion laughs": 9**9 strings from 400 bytes
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"{new}: &{new} [{', '.join([f'*{old}'] * 9)}]" for old, new in zip("abcdefgh", "bcdefghi", strict=True)]
+    laughs.write_text("\n".join(lines) + "\n")
     before = snapshot(good_run.parent)
     capsys.readouterr()
+    args = [str(good_run / a) if a == "config.yaml" else a for a in args]
     with pytest.raises(SystemExit) as exit_:
         run_main(cli_main, ["--data.data_dir", str(data_dir), *FAST, *args])
     err = capsys.readouterr().err.strip().splitlines()
@@ -323,14 +338,14 @@ def test_unwritable_checkpoint_folder_fails_before_training(tmp_path, data_dir, 
 
 def test_full_disk_for_metrics_json_is_one_line(data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    real_write = Path.write_text
+    real_write = runs.atomic_write
 
-    def full(self, *args, **kwargs):
-        if self.name == "metrics.json":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
-        return real_write(self, *args, **kwargs)
+    def full(path, write):
+        if path.name == "metrics.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_write(path, write)
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(runs, "atomic_write", full)
     with pytest.raises(SystemExit) as exit_:
         run_main(cli_main, ["--data.data_dir", str(data_dir), *FAST])
     err = capsys.readouterr().err.strip().splitlines()

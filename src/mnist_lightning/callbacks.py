@@ -34,10 +34,27 @@ class EpochCheckpoint(ModelCheckpoint):
 class EpochTimer(Callback):
     """Times each training epoch, its validation and checkpoints included; prints a plain line per epoch
     if there is no bar. The lines are for logs and pipes, where a progress bar would be carriage-return spam.
+
+    The times and the latest epoch's figures go into each checkpoint, so that a resumed run's
+    metrics.json still has them, even when the resume has no epoch left to train.
     """
 
     def __init__(self):
-        self.seconds, self.start = [], None
+        self.seconds, self.start, self.metrics, self.trainer = [], None, {}, None
+
+    def setup(self, trainer: Trainer, pl_module, stage: str) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        metrics = self.trainer.callback_metrics if self.trainer else {}
+        # Saved at the epoch's end, before _finish counts it: the epoch so far is the whole of it.
+        running = [time.perf_counter() - self.start] if self.start is not None else []
+        return {"seconds": self.seconds + running, "metrics": {k: float(v) for k, v in metrics.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.trainer and self.trainer.state.fn != "fit":  # the final test loads the best checkpoint, an older one
+            return
+        self.seconds, self.metrics = list(state_dict.get("seconds", [])), dict(state_dict.get("metrics", {}))
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module) -> None:
         self._finish(trainer)

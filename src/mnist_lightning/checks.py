@@ -1,5 +1,7 @@
 """Checks that stop a fit with one clear line instead of training on into nonsense or a crash."""
 
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -10,23 +12,28 @@ from mnist_lightning.errors import UserError
 
 class RunChecks(Callback):
     """Logs the per-step training loss and stops on a non-finite one, on the steps Lightning logs on;
-    refuses a resumed one-cycle schedule that would run out before the run ends.
+    before anything is written, refuses a network too big for the memory, a one-cycle schedule with no
+    finite length or (resumed) another length, and a resume of a run that has finished.
 
     The loss is checked only on logging steps: on a GPU each check waits for the device. The epoch's mean
     loss is checked too, at validation, before that epoch's checkpoint is written, so the last
     checkpoint is a good one. One callback for both, as Lightning calls every callback at every hook.
     """
 
-    def on_train_start(self, trainer: Trainer, pl_module) -> None:
-        # A resumed one-cycle schedule keeps its original length; running past it would crash mid-run.
-        for config in trainer.lr_scheduler_configs:
-            total, needed = getattr(config.scheduler, "total_steps", None), trainer.estimated_stepping_batches
-            if total is not None and total < needed:
-                raise UserError(
-                    f"the checkpoint's one-cycle schedule ends after {total} steps but this run needs {needed}; "
-                    "a one-cycle schedule cannot be extended: resume with the max_epochs it was started with, "
-                    "or start a new run with more epochs"
-                )
+    def __init__(self):
+        self.ckpt_path = None  # set by fit before trainer.fit: Lightning reads the checkpoint only after setup
+
+    def setup(self, trainer: Trainer, pl_module, stage: str) -> None:
+        # Before SaveConfigCallback (a later callback) rewrites config.yaml and before the first event is
+        # logged, so that a refused run leaves its folder as it was.
+        if stage != "fit":
+            return
+        check_memory(trainer, pl_module)
+        checkpoint = torch.load(self.ckpt_path, map_location="cpu", weights_only=True) if self.ckpt_path else {}
+        if checkpoint:
+            check_not_finished(trainer, checkpoint, Path(self.ckpt_path))
+        if pl_module.hparams.get("scheduler") == "onecycle":
+            check_one_cycle(trainer, pl_module, checkpoint)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx) -> None:
         every = trainer.log_every_n_steps  # 0: no per-step logging, and so no per-step check
@@ -54,3 +61,60 @@ class RunChecks(Callback):
             f"training stopped and {kept}. "
             f"{advice}"
         )
+
+
+def check_memory(trainer: Trainer, pl_module) -> None:
+    """Training holds four float32 copies of the weights: them, their gradients and Adam's two moments."""
+    weights = sum(p.numel() for p in pl_module.parameters())
+    needed, device = 4 * weights * 4, trainer.strategy.root_device
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    elif device.type == "cpu" and hasattr(os, "sysconf"):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return
+    if needed > free:
+        hp = pl_module.hparams
+        raise UserError(
+            f"--model.hidden1 {hp.hidden1} and --model.hidden2 {hp.hidden2} make {weights:,} weights: training "
+            f"needs about {needed / 2**30:.1f} GiB (the weights, their gradients and Adam's two moments, in "
+            f"float32) but the {device.type} has {free / 2**30:.1f} GiB free; pick smaller hidden sizes"
+        )
+
+
+def check_not_finished(trainer: Trainer, checkpoint: dict, ckpt_path: Path) -> None:
+    """Resuming a finished run would only test it again, and replace its metrics.json."""
+    run = ckpt_path.parent.parent
+    epochs = checkpoint.get("epoch", -1) + 1
+    if (run / "metrics.json").is_file() and trainer.max_epochs not in (None, -1) and epochs >= trainer.max_epochs:
+        if checkpoint.get("hyper_parameters", {}).get("scheduler") == "none":
+            further = "to train it further pass a larger --trainer.max_epochs"
+        else:
+            further = "its one-cycle schedule cannot be extended: start a new run with a larger --trainer.max_epochs"
+        raise UserError(
+            f"{run} has finished its {epochs} epochs (it has a metrics.json), so resuming it would train nothing; "
+            f"to test it run python -m mnist_lightning.evaluate --ckpt_path {ckpt_path}; {further}"
+        )
+
+
+def check_one_cycle(trainer: Trainer, pl_module, checkpoint: dict) -> None:
+    """OneCycleLR needs the run's step count up front, and a resumed schedule keeps its original one."""
+    needed = trainer.estimated_stepping_batches
+    if not (0 < needed < math.inf):
+        why = "trains forever" if needed == math.inf else "trains no step"
+        raise UserError(
+            f"the one-cycle schedule needs a fixed, positive number of steps, but this run {why} (see "
+            "--trainer.max_epochs, --trainer.max_steps and --trainer.limit_train_batches); set them, "
+            "or use --model.scheduler none"
+        )
+    total = next((s.get("total_steps") for s in checkpoint.get("lr_schedulers", ())), None)
+    if total is None or total == needed:
+        return
+    old = checkpoint.get("datamodule_hyper_parameters", {}).get("batch_size")
+    new = trainer.datamodule.hparams.batch_size if trainer.datamodule else old
+    cause = f"its --data.batch_size was {old}, not {new}" if old != new else "its --trainer.max_epochs differs"
+    raise UserError(
+        f"the checkpoint's one-cycle schedule ends after {total} steps but this run needs {needed} "
+        f"({cause}); a one-cycle schedule cannot be stretched: resume with the options it was started with, "
+        "or start a new run"
+    )

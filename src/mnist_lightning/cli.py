@@ -7,14 +7,43 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from mnist_lightning import runs, speedups
 from mnist_lightning.callbacks import EpochBar, EpochCheckpoint
-from mnist_lightning.errors import checks_an_argument, config_error
+from mnist_lightning.errors import UserError, checks_an_argument, config_error
 from mnist_lightning.report import RunLogger
 
 
+def refuse_aliases(load):
+    """Wrap jsonargparse's YAML loader so that a YAML alias is refused before anything is expanded: nested
+    aliases (a "billion laughs" file of a few hundred bytes) would grow the config until the process dies.
+    A config for this CLI never needs one."""
+
+    def load_without_aliases(stream, *args, **kwargs):
+        import yaml
+
+        if isinstance(stream, str) and "*" in stream:  # no alias without a *
+            for event in yaml.parse(stream, Loader=yaml.SafeLoader):  # events only: nothing is expanded
+                if isinstance(event, yaml.AliasEvent):
+                    raise yaml.YAMLError(
+                        f"YAML aliases (*{event.anchor}) are refused in configs; write the values out instead"
+                    )
+        return load(stream, *args, **kwargs)
+
+    load_without_aliases.refuses_aliases = True
+    return load_without_aliases
+
+
 class MNISTCLI(LightningCLI):
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        import yaml
+        from jsonargparse import get_loader, set_loader
+
+        if not getattr(get_loader("yaml"), "refuses_aliases", False):
+            set_loader("yaml", refuse_aliases(get_loader("yaml")), exceptions=(yaml.YAMLError,))
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Not add_lightning_class_args: these checkpoints are left out with --trainer.enable_checkpointing false.
         parser.add_class_arguments(EpochCheckpoint, "checkpoint", fail_untyped=False, sub_configs=True)
@@ -37,7 +66,13 @@ class MNISTCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
+        seed = self.config.seed_everything
+        if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
+            # numpy's bound, which Lightning would raise a traceback about
+            raise UserError(f"--seed_everything {seed} is out of range: use 0 to {2**32 - 1}, or true for a random one")
         ckpt_path = self.config.ckpt_path
+        if ckpt_path is not None and not ckpt_path.strip():
+            raise UserError("--ckpt_path is empty: pass a checkpoint or 'last', or leave it out to start a new run")
         if ckpt_path == "last":
             root = Path(self.config.trainer.default_root_dir or ".")
             ckpt_path = str(runs.find_last(root, self.config.trainer.logger))
@@ -70,6 +105,13 @@ class MNISTCLI(LightningCLI):
             version, created = runs.version_for(root, self.config.ckpt_path)
             kwargs["logger"] = RunLogger(root.parent, version=version, default_hp_metric=False)
             self.claimed = root / f"version_{version}" if created else None
+            if version is not None and not rank_zero_only.rank:  # the other ranks log into rank zero's folder
+                try:
+                    runs.lock(root / f"version_{version}")
+                except UserError:
+                    if self.claimed:
+                        runs.release(self.claimed)
+                    raise
         if config.plugins is None:
             kwargs["plugins"] = [runs.AtomicCheckpointIO()]
         try:

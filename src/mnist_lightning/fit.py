@@ -1,8 +1,10 @@
 """Train, validate each epoch, test the best checkpoint: ``python -m mnist_lightning.fit [--help]``."""
 
+import errno
 import json
 import logging
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +24,7 @@ from mnist_lightning.cli import MNISTCLI
 from mnist_lightning.data import MNISTDataModule
 from mnist_lightning.errors import UserError, config_error, run_main, usage_error
 from mnist_lightning.model import MNISTClassifier
+from mnist_lightning.outputs import disk_error
 from mnist_lightning.report import RunReport
 
 
@@ -32,8 +35,8 @@ def cli_main(args: list[str] | None = None, callbacks: tuple[Callback, ...] = ()
     """
     speedups.configure()
     speedups.skip_nvml_probe()
-    timer = EpochTimer()
-    ours = [timer, RunChecks(), RunReport(), ProcessGroupTeardown()]
+    timer, checks = EpochTimer(), RunChecks()
+    ours = [timer, checks, RunReport(), ProcessGroupTeardown()]
     try:
         cli = MNISTCLI(
             MNISTClassifier,
@@ -64,6 +67,7 @@ def cli_main(args: list[str] | None = None, callbacks: tuple[Callback, ...] = ()
                 runs.ensure_writable(Path(callback.dirpath), "--checkpoint.dirpath")
         if ckpt_path:
             load_checkpoint(ckpt_path, like=model.net)  # a corrupt, hostile or mismatched one: one line
+            checks.ckpt_path = ckpt_path
             rank_zero_info(
                 f"Resuming from {ckpt_path}. Checkpoints are written at the end of each epoch, so training "
                 "restarts at the start of the epoch after it; work done after it is redone."
@@ -72,7 +76,8 @@ def cli_main(args: list[str] | None = None, callbacks: tuple[Callback, ...] = ()
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
         fit_seconds = time.perf_counter() - start
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        # A resume of a run stopped in its final test trains nothing: its figures come from the checkpoint.
+        fit_metrics = {**timer.metrics, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
         best_or_final = "best" if best else None
         tested = trainer.test(model, datamodule=data, ckpt_path=best_or_final, verbose=False, weights_only=True)
     except BaseException as err:
@@ -82,6 +87,14 @@ def cli_main(args: list[str] | None = None, callbacks: tuple[Callback, ...] = ()
             raise UserError(
                 f"stopped by SIGTERM in epoch {trainer.current_epoch + 1} of {trainer.max_epochs}; the epochs "
                 "before it are in last.ckpt: resume with --ckpt_path last"
+            ) from None
+        cause = disk_error(err)
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            # TensorBoard's events are written by a thread, and name no file: name the run instead.
+            where = cause.filename or (trainer.logger.log_dir if trainer.logger else trainer.default_root_dir)
+            raise UserError(
+                f"the disk is full ({cause.strerror}) writing {where}; the run stopped, and its checkpoints and "
+                "logs so far are kept. Free some space, then resume with --ckpt_path last"
             ) from None
         raise
     test_metrics = tested[0] if tested else {}  # none with --trainer.limit_test_batches 0
@@ -105,6 +118,14 @@ def cli_main(args: list[str] | None = None, callbacks: tuple[Callback, ...] = ()
     return result
 
 
+def quiet_event_writer(hook):
+    def excepthook(args) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)):
+            hook(args)
+
+    return excepthook
+
+
 def main() -> None:
     # Lightning's messages that say nothing a user of this command can act on.
     # cli_main hands LightningCLI sys.argv as its args, which Lightning would flag as args given twice.
@@ -117,6 +138,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
     # Resuming continues in the run's own checkpoint folder, which Lightning warns is not empty.
     warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
+    # TensorBoard's writer thread prints its own traceback of a full disk, which the next write raises here.
+    threading.excepthook = quiet_event_writer(threading.excepthook)
     # A warning is one line, without the path of the library file that raised it.
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     # Lightning advertises its cloud logger on every fit, says that max_epochs was reached just before

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from mnist_lightning.errors import UserError
+
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the 60k training pixels scaled to [0, 1]
 
 
@@ -10,14 +12,23 @@ class MLP(nn.Sequential):
     """The classic 784-128-64-10 multilayer perceptron with ReLU."""
 
     def __init__(self, hidden1: int = 128, hidden2: int = 64):
-        super().__init__(
-            nn.Flatten(),
-            nn.Linear(28 * 28, hidden1),
-            nn.ReLU(),
-            nn.Linear(hidden1, hidden2),
-            nn.ReLU(),
-            nn.Linear(hidden2, 10),
-        )
+        try:
+            super().__init__(
+                nn.Flatten(),
+                nn.Linear(28 * 28, hidden1),
+                nn.ReLU(),
+                nn.Linear(hidden1, hidden2),
+                nn.ReLU(),
+                nn.Linear(hidden2, 10),
+            )
+        except RuntimeError as err:  # torch's allocators raise RuntimeError (or its OutOfMemoryError)
+            if "allocate" not in str(err):
+                raise
+            size = 4 * ((28 * 28 + 1) * hidden1 + (hidden1 + 1) * hidden2 + (hidden2 + 1) * 10)
+            raise UserError(
+                f"a 784-{hidden1}-{hidden2}-10 network needs {size / 2**30:.1f} GiB for its float32 weights alone, "
+                "more than can be allocated; pick smaller --model.hidden1 and --model.hidden2"
+            ) from None
 
 
 def normalise(pixels: torch.Tensor, mean: float, std: float) -> torch.Tensor:

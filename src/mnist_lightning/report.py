@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
@@ -50,9 +51,43 @@ LAYOUT = {
 }
 
 
+class FirstWrite:
+    """Stands in for the SummaryWriter, which makes its events file as soon as it exists, until its first use."""
+
+    def __init__(self, make):
+        self.make, self.writer = make, None
+
+    def __getattr__(self, name):
+        if self.writer is None:
+            self.writer = self.make()
+        return getattr(self.writer, name)
+
+    def flush(self) -> None:  # Lightning's finalize, after a refusal: nothing to flush yet
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 class RunLogger(TensorBoardLogger):
     """fit's default logger: TensorBoard, with the tags of ``tag()`` and without Lightning's ``epoch``
-    scalar, a staircase that says nothing the step axis does not."""
+    scalar, a staircase that says nothing the step axis does not.
+
+    Lightning asks for the writer before any callback's setup; its events file is made at the first
+    write instead, so that a run refused in setup (checks.RunChecks) leaves its folder as it was.
+    """
+
+    @property
+    def experiment(self):
+        if self._experiment is None and not rank_zero_only.rank:
+            self._experiment = FirstWrite(self._make_writer)
+        return super().experiment
+
+    def _make_writer(self):
+        self._experiment = None
+        return TensorBoardLogger.experiment.fget(self)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         super().log_metrics({tag(k): v for k, v in metrics.items() if k != "epoch"}, step)

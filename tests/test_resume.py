@@ -1,0 +1,94 @@
+"""Resumes that are refused leave the run as it was; a run folder is held by one process at a time; a
+run stopped in its final test keeps its figures (see docs/reliability.md)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from lightning.pytorch import Callback
+
+from conftest import FAST
+from mnist_lightning import checks
+from mnist_lightning.errors import UserError
+from mnist_lightning.fit import cli_main
+
+
+def snapshot(folder):
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def run(data_dir, tmp_path, monkeypatch):
+    """A finished 2-epoch one-cycle run in tmp_path/lightning_logs/version_0."""
+    monkeypatch.chdir(tmp_path)
+    cli_main(["--data.data_dir", str(data_dir), *FAST])
+    return tmp_path / "lightning_logs" / "version_0"
+
+
+def resume(data_dir, run, *args):
+    return cli_main(["--data.data_dir", str(data_dir), *FAST, "--ckpt_path", str(run / "checkpoints/last.ckpt"), *args])
+
+
+@pytest.mark.parametrize(
+    "unfinished, args, message",
+    [
+        (False, [], "has finished its 2 epochs (it has a metrics.json), so resuming it would train nothing"),
+        (False, ["--trainer.max_epochs", "3"], "schedule ends after 16 steps but this run needs 24 (its --trainer."),
+        (True, ["--data.batch_size", "64"], "ends after 16 steps but this run needs 30 (its --data.batch_size was 128"),
+    ],
+)
+def test_a_refused_resume_changes_nothing_in_the_run(run, data_dir, unfinished, args, message):
+    if unfinished:
+        (run / "metrics.json").unlink()
+    before = snapshot(run.parent)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resume(data_dir, run, *args)
+    assert snapshot(run.parent) == before  # no config.yaml rewritten, no events file added
+
+
+def test_a_run_in_use_is_refused_naming_the_process_and_a_stale_lock_is_taken_over(run, data_dir):
+    (run / "metrics.json").unlink()  # stopped in its final test, so resuming it tests it
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(f"{holder.pid} {os.uname().nodename}")
+        before = snapshot(run.parent)
+        with pytest.raises(UserError, match=f"version_0 is in use by process {holder.pid} on "):
+            resume(data_dir, run)
+        assert snapshot(run.parent) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    resume(data_dir, run)  # the holder is gone: its lock is stale
+    assert (run / "metrics.json").is_file()
+
+
+class CtrlCInTest(Callback):
+    def on_test_start(self, trainer, pl_module):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_the_final_test_then_resume_keeps_the_train_and_val_figures(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    previous = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-C once it has seen one
+    with pytest.raises(SystemExit):
+        cli_main(["--data.data_dir", str(data_dir), *FAST], callbacks=(CtrlCInTest(),))
+    signal.signal(signal.SIGINT, previous)
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert not (run / "metrics.json").exists()
+    result = cli_main(["--data.data_dir", str(data_dir), *FAST, "--ckpt_path", "last"])
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc"):
+        assert saved[key] == result[key] and 0 <= saved[key] < 5, key
+    assert len(saved["epoch_seconds"]) == 2 and saved["global_step"] == 16
+
+
+def test_a_network_too_big_for_the_memory_is_refused_with_what_it_needs(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real = os.sysconf
+    monkeypatch.setattr(checks.os, "sysconf", lambda name: 1000 if name == "SC_AVPHYS_PAGES" else real(name))
+    with pytest.raises(UserError, match=r"make 42,450,714 weights: training needs about 0.6 GiB .* has 0.0 GiB free"):
+        cli_main(["--data.data_dir", str(data_dir), *FAST, "--model.hidden1", "50000"])
+    assert not (tmp_path / "lightning_logs" / "version_0").exists()  # the claimed folder is released
