@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_convert
 
+from mnist_lightning.augment import translate
 from mnist_lightning.errors import UserError
 from mnist_lightning.idx import FILES, FOLDERS, load_split, present, raw_dir
 from mnist_lightning.net import MNIST_MEAN, MNIST_STD, normalise
@@ -80,6 +81,8 @@ class MNISTDataModule(L.LightningDataModule):
         mean: pixel mean used for normalisation, pixels scaled to [0, 1] first.
         std: pixel standard deviation used for normalisation.
         split_seed: seed of the train/val split, independent of the training seed.
+        shift: augmentation: move each training image by up to this many pixels down and across, a new
+            draw each step (0: off). Validation and test images are never moved.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class MNISTDataModule(L.LightningDataModule):
         mean: float = MNIST_MEAN,
         std: float = MNIST_STD,
         split_seed: int = 42,
+        shift: int = 0,
     ):
         super().__init__()
         if dataset not in FOLDERS:
@@ -104,6 +108,8 @@ class MNISTDataModule(L.LightningDataModule):
             raise UserError(f"val_size must be zero or more, got {val_size}")
         if std <= 0:
             raise UserError(f"std must be positive, got {std}")
+        if not 0 <= shift < 28:
+            raise UserError(f"shift must be 0 (off) to 27 pixels, got {shift}")
         self.save_hyperparameters()
         self.raw_dir = raw_dir(data_dir, dataset)
 
@@ -164,6 +170,22 @@ class MNISTDataModule(L.LightningDataModule):
         if stage in ("test", "predict") and not hasattr(self, "test_set"):
             images, labels = load_split(self.raw_dir, "test")
             self.test_set = TensorBatches(normalise(images.to(device), mean, std), labels.to(device))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # On the device, after the transfer, on the whole batch; training batches only (not the model
+        # summary's example input, a lone tensor, which passes through here too).
+        if not (self.hparams.shift and self.trainer and self.trainer.training) or torch.is_tensor(batch):
+            return batch
+        images, labels = batch
+        if getattr(self, "_shifts", None) is None or self._shifts.device != images.device:
+            self._shifts = torch.Generator(device=images.device)
+            # A 0 pixel as normalise() makes it, to the bit: what the pixels moved in are filled with.
+            self._background = float(normalise(torch.zeros(()), self.hparams.mean, self.hparams.std))
+        # Seeded from the run's seed, the rank and the step, not drawn from a running stream: the same
+        # shifts under the same seed, and again after a resume. (With accumulate_grad_batches, the
+        # batches of one step draw the same shifts, for other images.)
+        self._shifts.manual_seed(hash((self.shuffle_seed, self.trainer.global_rank, self.trainer.global_step)) % 2**63)
+        return translate(images, self.hparams.shift, self._background, self._shifts), labels
 
     def _batch_size(self) -> int:
         world_size = self.trainer.world_size if self.trainer else 1
