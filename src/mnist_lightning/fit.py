@@ -126,8 +126,8 @@ def quiet_event_writer(hook):
     return excepthook
 
 
-def main() -> None:
-    # Lightning's messages that say nothing a user of this command can act on.
+def quiet_lightning() -> None:
+    """Leave out Lightning's messages that say nothing a user of fit (or of a sweep's fits) can act on."""
     # cli_main hands LightningCLI sys.argv as its args, which Lightning would flag as args given twice.
     warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended to run from within Python.*")
     # The data already sits in memory (or on the GPU): worker processes would only add overhead.
@@ -147,6 +147,10 @@ def main() -> None:
     noise = ("💡 Tip", "`Trainer.fit` stopped: `max_epochs=", "Loaded model weights from the checkpoint at")
     noise += ("Loading `train_dataloader` to estimate number of stepping batches",)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not str(r.msg).startswith(noise))
+
+
+def main() -> None:
+    quiet_lightning()
     try:
         run_main(cli_main)
     finally:

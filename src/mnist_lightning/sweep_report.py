@@ -1,0 +1,79 @@
+"""What a sweep reports when done: the table of trials, best.yaml, and the best trial's test accuracy."""
+
+from pathlib import Path
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from mnist_lightning.callbacks import here
+from mnist_lightning.outputs import atomic_write
+
+
+def summary(study: optuna.Study, searched: list[str]) -> str:
+    """A markdown table of the study's trials, best first, under a line that counts them by state."""
+    trials = [t for t in study.get_trials(deepcopy=False) if "uncounted" not in t.user_attrs]
+    counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+    head = f"study {study.study_name}: {len(trials)} trials, " + ", ".join(
+        f"{n} {s.name.lower()}" for s, n in counts.items() if n
+    )
+    columns = [name for name in searched if any(name in t.params for t in trials)]
+    rows = [
+        "| trial | state | val/acc_best | " + " | ".join(columns) + " | seconds |",
+        "|---" * (len(columns) + 4) + "|",
+    ]
+    # Complete trials first, best first; a pruned trial's figure is its val/acc at the epoch that pruned it.
+    for t in sorted(trials, key=lambda t: (t.state != TrialState.COMPLETE, -(t.value or 0), t.number)):
+        cells = [str(t.number), t.state.name.lower(), f"{t.value:.4f}" if t.value is not None else ""]
+        cells += [f"{t.params[name]:.4g}" if name in t.params else "" for name in columns]
+        cells.append(f"{t.user_attrs['seconds']:.1f}" if "seconds" in t.user_attrs else "")
+        rows.append("| " + " | ".join(cells) + " |")
+    if counts[TrialState.COMPLETE]:
+        best = study.best_trial
+        rows.append(f"\nbest trial {best.number}: val/acc_best {best.value:.4f} with " + params_text(best.params))
+    return "\n".join([head, "", *rows])
+
+
+def params_text(params: dict) -> str:
+    return ", ".join(f"{name} {value:.4g}" for name, value in params.items())
+
+
+def flat(config: dict, prefix: str = "") -> dict:
+    items = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            items.update(flat(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+def best_yaml(study: optuna.Study, path: Path, recipe: dict, defaults: dict) -> Path:
+    """Write the best trial's recipe as overrides of fit's defaults: the options the sweep was given
+    (``recipe``, fit's config for them) and the best trial's searched values. Returns the path."""
+    best, default = study.best_trial, flat(defaults)
+    given = {k: v for k, v in flat(recipe).items() if default.get(k) != v}
+    config: dict = {}
+    for key, value in {**given, **best.params}.items():
+        *groups, name = key.split(".")
+        node = config
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[name] = value
+    text = f"# Trial {best.number}, the best of sweep {study.study_name}: val/acc_best {best.value:.4f}.\n"
+    atomic_write(path, lambda file: file.write((text + yaml.safe_dump(config, sort_keys=False)).encode()))
+    return path
+
+
+def test_best(study: optuna.Study) -> str:
+    """The best trial's test accuracy: the test set's one use in the search, after it."""
+    from mnist_lightning.checkpoint import load_checkpoint
+    from mnist_lightning.evaluate import evaluate
+
+    best = study.best_trial
+    ckpt = best.user_attrs.get("best_model_path")
+    if not (ckpt and Path(ckpt).is_file()):
+        return f"test        trial {best.number}'s checkpoint, {ckpt}, is not on this machine: evaluate it there"
+    net, _, saved = load_checkpoint(ckpt)
+    result = evaluate(net, saved["data"], saved["model"].get("label_smoothing", 0.0))
+    return f"test/acc    {result['accuracy']:.4f} (trial {best.number}, tested once, now: {here(ckpt)})"

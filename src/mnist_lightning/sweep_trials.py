@@ -1,0 +1,97 @@
+"""A sweep's trials: each one whole fit, told to the study as complete, pruned or failed."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import Trial, TrialState
+from optuna_integration import PyTorchLightningPruningCallback
+
+from mnist_lightning import fit
+from mnist_lightning.errors import UserError
+
+OBJECTIVE, PRUNED_ON = "val/acc_best", "val/acc"
+
+
+class Pruning(PyTorchLightningPruningCallback):
+    """optuna-integration's pruning callback, with its TrialPruned held until the epoch that pruned the trial
+    has written its checkpoints (they are written after this hook): the fit stops then, before any test."""
+
+    pruned: optuna.TrialPruned | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        try:
+            super().on_validation_end(trainer, pl_module)
+        except optuna.TrialPruned as pruned:
+            self.pruned, trainer.should_stop = pruned, True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.pruned:
+            raise self.pruned
+
+
+def counted(study: optuna.Study, up_to: int | None = None) -> int:
+    """The study's trials, but for those that do not count (interrupted, or one too many), up to a number."""
+    trials = study.get_trials(deepcopy=False)
+    return sum(1 for t in trials if "uncounted" not in t.user_attrs and (up_to is None or t.number <= up_to))
+
+
+def optimize(study: optuna.Study, config, fit_args: list[str], folder: Path, space: dict) -> None:
+    """Run trials of the study, one after another, until it holds ``config.n_trials`` (or the timeout)."""
+    if config.n_jobs > 1:  # this process's share of the cores; the workers get theirs through the environment
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.n_jobs))
+    start = time.monotonic()
+    while counted(study) < config.n_trials:
+        if config.timeout and time.monotonic() - start > config.timeout:
+            print(f"--timeout {config.timeout:g} s reached: no new trial in this process")
+            return
+        trial = study.ask()
+        if counted(study, up_to=trial.number) > config.n_trials:  # another process asked at the same moment
+            trial.set_user_attr("uncounted", "one too many: the study had its trials")
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        run_trial(study, trial, fit_args, folder, space, config.pruner == "median")
+
+
+def run_trial(study: optuna.Study, trial: Trial, fit_args: list[str], folder: Path, space: dict, prune: bool) -> None:
+    """One fit with the trial's values of ``space``, told to the study as complete, pruned or failed."""
+    given = {a[2:].split("=")[0] for a in fit_args if a.startswith("--")}
+    params = {name: suggest(trial, name) for name, suggest in space.items() if name not in given}
+    run = folder / f"trial-{trial.number}"
+    trial.set_user_attr("run", str(run.resolve()))
+    where = {"save_dir": str(folder.resolve()), "name": "", "version": run.name, "default_hp_metric": False}
+    logger = {"class_path": "mnist_lightning.report.RunLogger", "init_args": where}
+    # Not tested: the test set is looked at once, for the best trial, after the search.
+    args = ["--trainer.limit_test_batches", "0", *fit_args]
+    args += [f"--{k}={v}" for k, v in params.items()] + [f"--trainer.logger={json.dumps(logger)}"]
+    print(f"trial {trial.number}: " + ", ".join(f"{k} {v:.4g}" for k, v in params.items()), flush=True)
+    started = time.perf_counter()
+    try:
+        result = fit.cli_main(args, callbacks=(Pruning(trial, PRUNED_ON),) if prune else ())
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        (frozen,) = (t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        epoch, value = max(frozen.intermediate_values.items())
+        print(f"trial {trial.number} pruned after epoch {epoch + 1}: {PRUNED_ON} {value:.4f} is below the median "
+              f"of the trials before it; not tested; its curves and checkpoints to then are in {run}")  # fmt: skip
+        return
+    except UserError as err:
+        trial.set_user_attr("error", str(err))
+        study.tell(trial, state=TrialState.FAIL)
+        if not run.exists():  # it failed before its fit began: the options are wrong, for every trial
+            raise
+        print(f"trial {trial.number} failed: {err}; the search goes on")
+        return
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns a Ctrl-C during a fit into SystemExit(1)
+        trial.set_user_attr("uncounted", "interrupted")
+        study.tell(trial, state=TrialState.FAIL)
+        raise KeyboardInterrupt from None
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    trial.set_user_attr("seconds", time.perf_counter() - started)
+    trial.set_user_attr("best_model_path", str(Path(result["best_model_path"]).resolve()))
+    study.tell(trial, result[OBJECTIVE])

@@ -1,0 +1,120 @@
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from conftest import FAST, run_module
+from mnist_lightning import fit, sweep
+from mnist_lightning.errors import UserError
+
+# One epoch, batches of 32: a trial takes about a second, and its first epoch already learns the data.
+TINY = [*FAST, "--trainer.max_epochs", "1", "--data.batch_size", "32"]
+
+
+def sweep_args(data_dir, root, *more: str) -> list[str]:
+    return ["--data.data_dir", str(data_dir), *TINY, "--trainer.default_root_dir", str(root), *more]
+
+
+def hparams(run) -> tuple[set[str], list[str]]:
+    events = EventAccumulator(str(run))
+    events.Reload()
+    data = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"])
+    return {h.name for h in data.experiment.hparam_infos}, [m.name.tag for m in data.experiment.metric_infos]
+
+
+def test_a_sweep_runs_its_trials_and_writes_a_best_yaml_that_fit_trains(data_dir, tmp_path, capsys):
+    args = sweep_args(data_dir, tmp_path, "--n_trials", "3", "--pruner", "none")
+    args.remove("--data.batch_size"), args.remove("32")  # searched, this time
+    study = sweep.cli_main(args)
+    out = capsys.readouterr().out
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2] and all(t.state == TrialState.COMPLETE for t in trials)
+    folder = tmp_path / "lightning_logs" / "sweep-0"
+    for t in trials:
+        run = folder / f"trial-{t.number}"
+        assert (run / "metrics.json").is_file() and any((run / "checkpoints").glob("best-*.ckpt"))
+        names, metrics = hparams(run)  # TensorBoard's HPARAMS: the searched values and the objective
+        assert {f"{k.replace('.', '/')}" for k in sweep.SPACE} <= names and "acc/val_best" in metrics
+    assert "| trial | state | val/acc_best |" in out and "tested once" in out
+
+    best = yaml.safe_load((folder / "best.yaml").read_text())
+    assert best["model"]["lr"] == study.best_params["model.lr"] and best["trainer"]["max_epochs"] == 1
+    result = fit.cli_main(["--config", str(folder / "best.yaml")])
+    assert result["config"]["data"]["batch_size"] == study.best_params["data.batch_size"]
+    assert result["config"]["data"]["data_dir"] == str(data_dir) and "test/acc" in result
+    assert (tmp_path / "lightning_logs" / "version_0" / "metrics.json").is_file()
+
+    with pytest.raises(UserError, match="study 0 exists .* pass --resume"):
+        sweep.cli_main([*args, "--study_name", "0"])
+    resumed = sweep.cli_main([*args, "--resume", "--n_trials", "4"])  # the newest study, to 4 trials
+    assert resumed.study_name == "0" and len(resumed.get_trials()) == 4
+
+
+def test_a_trial_below_the_median_is_pruned_and_the_study_goes_on(data_dir, tmp_path, capsys):
+    args = sweep_args(data_dir, tmp_path, "--study_name", "p", "--prune_startup_trials", "1")
+    args += ["--prune_warmup_epochs", "0", "--trainer.max_epochs", "2"]
+    sweep.cli_main([*args, "--n_trials", "1"])
+    # A rate that cannot learn: its first epoch is far below the first trial's.
+    study = sweep.cli_main([*args, "--resume", "--n_trials", "2", "--model.lr", "1e-7"])
+    pruned = study.trials[1]
+    assert pruned.state == TrialState.PRUNED and list(pruned.intermediate_values) == [0]
+    assert "trial 1 pruned after epoch 1" in capsys.readouterr().out
+    run = tmp_path / "lightning_logs" / "sweep-p" / "trial-1"
+    # Stopped at the end of the epoch that pruned it, with its curves and checkpoints, and never tested.
+    assert list(run.glob("events.out.tfevents.*")) and (run / "checkpoints" / "last.ckpt").is_file()
+    assert not (run / "metrics.json").exists()
+
+
+def test_a_failed_trial_is_recorded_and_the_study_goes_on(data_dir, tmp_path, capsys):
+    study = sweep.cli_main(sweep_args(data_dir, tmp_path, "--n_trials", "2", "--model.lr", "1e30"))
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 2
+    assert "train/loss is nan" in study.trials[0].user_attrs["error"]
+    out = capsys.readouterr().out
+    assert out.count("failed: train/loss is nan") == 2 and "no trial completed" in out
+
+
+def test_mistakes_are_one_line_and_start_no_study(data_dir, tmp_path):
+    with pytest.raises(UserError, match="unrecognized arguments: --model.nope"):
+        sweep.cli_main(sweep_args(data_dir, tmp_path, "--n_trials", "2", "--model.nope", "1"))
+    with pytest.raises(UserError, match="--n_trials and --n_jobs must be positive"):
+        sweep.cli_main(sweep_args(data_dir, tmp_path, "--n_trials", "0"))
+    with pytest.raises(UserError, match="--resume: no study under"):
+        sweep.cli_main(sweep_args(data_dir, tmp_path, "--n_trials", "2", "--resume"))
+    assert not (tmp_path / "lightning_logs").exists()
+    proc = run_module("mnist_lightning.sweep", "--n_trials", "1", "--storage", "nope://x", "--study_name", "s",
+                      cwd=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --storage nope://x: cannot open it")
+    assert len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_two_processes_started_at_once_share_one_study(data_dir, tmp_path, storage):
+    url = f"sqlite:///{tmp_path / 'study.db'}" if storage == "sqlite" else str(tmp_path / "study.log")
+    args = sweep_args(data_dir, tmp_path, "--n_trials", "4", "--storage", url, "--study_name", "two", "--resume")
+    cmd = [sys.executable, "-m", "mnist_lightning.sweep", *args, "--pruner", "none"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    time.sleep(0.1)
+    procs.append(subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    storage = (
+        url if storage == "sqlite" else optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+    )
+    trials = [t for t in optuna.load_study(study_name="two", storage=storage).trials if "uncounted" not in t.user_attrs]
+    numbers = sorted(t.number for t in trials)
+    assert len(trials) == 4 and len(set(numbers)) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(f"trial {n}:" in "".join(outs) for n in numbers)
+    assert all(
+        "| trial | state |" in out for out in outs
+    )  # each its table (the first to end, of a study still running)
+    folder = tmp_path / "lightning_logs" / "sweep-two"
+    assert sorted(p.name for p in folder.glob("trial-*")) == sorted(f"trial-{n}" for n in numbers)
+    for n in numbers:  # one writer a folder: one events file, one config
+        assert len(list((folder / f"trial-{n}").glob("events.out.tfevents.*"))) == 1
