@@ -18,11 +18,14 @@ OBJECTIVE, PRUNED_ON = "val/acc_best", "val/acc"
 
 class Pruning(PyTorchLightningPruningCallback):
     """optuna-integration's pruning callback, with its TrialPruned held until the epoch that pruned the trial
-    has written its checkpoints (they are written after this hook): the fit stops then, before any test."""
+    has written its checkpoints (they are written after this hook): the fit stops then, before any test.
+    The last epoch is never pruned: stopping then saves nothing, and would throw away a finished trial."""
 
     pruned: optuna.TrialPruned | None = None
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= (trainer.max_epochs or 0) > 0:
+            return
         try:
             super().on_validation_end(trainer, pl_module)
         except optuna.TrialPruned as pruned:
