@@ -52,7 +52,7 @@ def datamodule(data_dir, shift: int) -> MNISTDataModule:
 def test_the_hook_shifts_training_batches_only_with_the_background_of_the_normalised_images(data_dir):
     dm = datamodule(data_dir, shift=3)
     batch = next(iter(dm.train_dataloader()))
-    dm.trainer = SimpleNamespace(training=False, global_rank=0, global_step=0)
+    dm.trainer = SimpleNamespace(training=False, global_rank=0, global_step=0, overfit_batches=0)
     assert dm.on_after_batch_transfer(batch, 0) is batch  # validating, testing, predicting
     dm.trainer.training = True
     images, labels = dm.on_after_batch_transfer(batch, 0)

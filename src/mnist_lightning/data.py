@@ -82,7 +82,8 @@ class MNISTDataModule(L.LightningDataModule):
         std: pixel standard deviation used for normalisation.
         split_seed: seed of the train/val split, independent of the training seed.
         shift: augmentation: move each training image by up to this many pixels down and across, a new
-            draw each step (0: off). Validation and test images are never moved.
+            draw each step (0: off). Validation and test images are never moved. 1 lifts the 5-epoch
+            recipe by about 0.2 points (README, "Results").
     """
 
     def __init__(
@@ -96,7 +97,7 @@ class MNISTDataModule(L.LightningDataModule):
         mean: float = MNIST_MEAN,
         std: float = MNIST_STD,
         split_seed: int = 42,
-        shift: int = 0,
+        shift: int = 1,
     ):
         super().__init__()
         if dataset not in FOLDERS:
@@ -173,8 +174,11 @@ class MNISTDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # On the device, after the transfer, on the whole batch; training batches only (not the model
-        # summary's example input, a lone tensor, which passes through here too).
+        # summary's example input, a lone tensor, which passes through here too), and not under
+        # --trainer.overfit_batches, which checks that the network can learn a few batches by heart.
         if not (self.hparams.shift and self.trainer and self.trainer.training) or torch.is_tensor(batch):
+            return batch
+        if self.trainer.overfit_batches:
             return batch
         images, labels = batch
         if getattr(self, "_shifts", None) is None or self._shifts.device != images.device:
