@@ -12,15 +12,13 @@ def translate(images: torch.Tensor, max_shift: int, fill: float, generator: torc
     """Each image of ``images`` (N, C, H, W) moved by its own whole number of pixels, from ``-max_shift`` to
     ``max_shift`` down and across; the pixels moved in take ``fill``, the background's value.
 
-    One pad and one gather for the whole batch: no loop over the images, no host sync.
+    One pad and one gather for the whole batch, indexed by two numbers an image: no loop over the
+    images, no host sync.
     """
     if max_shift <= 0:
         return images
     n, c, h, w = images.shape
-    width = w + 2 * max_shift  # of a padded image
-    padded = F.pad(images, (max_shift,) * 4, value=fill).view(n, c, -1)
-    pixels = torch.arange(h * w, device=images.device)
-    window = pixels // w * width + pixels % w  # each output pixel's place in the padded image, moved by -s, -s
-    offsets = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator, device=images.device)
-    index = window + offsets[0] * width + offsets[1]  # (N, H * W); offset s, s leaves an image in place
-    return padded.gather(2, index.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
+    padded = F.pad(images, (max_shift,) * 4, value=fill)  # (N, C, H + 2s, W + 2s)
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # (N, C, 2s + 1, 2s + 1, H, W): every crop, a view
+    top, left = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator, device=images.device)
+    return windows[torch.arange(n, device=images.device), :, top, left]  # crop s, s leaves an image in place
