@@ -265,7 +265,7 @@ def test_default_fit_on_real_mnist(tmp_path):
     data_dir = Path(os.environ["MNIST_DATA_DIR"]).resolve()
     run_module("mnist_lightning.fit", "--data.data_dir", str(data_dir), cwd=tmp_path)
     metrics = json.loads((tmp_path / "lightning_logs" / "version_0" / "metrics.json").read_text())
-    # The default recipe measures 98.0-98.2% over seeds; 97.5% leaves room for platform noise.
+    # The default recipe measures 98.42-98.54% over seeds 0-2; 97.5% leaves room for platform noise.
     assert metrics["test/acc"] >= 0.975
 
 
