@@ -69,17 +69,33 @@ def check_memory(trainer: Trainer, pl_module) -> None:
     needed, device = 4 * weights * 4, trainer.strategy.root_device
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
-    elif device.type == "cpu" and hasattr(os, "sysconf"):
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    elif device.type == "cpu":
+        free = available_memory()
     else:
+        return
+    if free is None:
         return
     if needed > free:
         hp = pl_module.hparams
         raise UserError(
             f"--model.hidden1 {hp.hidden1} and --model.hidden2 {hp.hidden2} make {weights:,} weights: training "
             f"needs about {needed / 2**30:.1f} GiB (the weights, their gradients and Adam's two moments, in "
-            f"float32) but the {device.type} has {free / 2**30:.1f} GiB free; pick smaller hidden sizes"
+            f"float32) but the {device.type} has {free / 2**30:.1f} GiB available; pick smaller hidden sizes"
         )
+
+
+def available_memory() -> int | None:
+    """Linux's MemAvailable (free memory plus the page cache it can drop), else the free pages."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if hasattr(os, "sysconf"):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
 
 
 def check_not_finished(trainer: Trainer, checkpoint: dict, ckpt_path: Path) -> None:
