@@ -59,27 +59,33 @@ def present(path: Path) -> bool:
     return path.is_file() or path.with_name(path.name + ".gz").is_file()
 
 
-def _read(path: Path) -> bytes:
-    """The file's bytes; without it, its .gz archive's, decompressed in memory and checked against the
-    published md5 (people fetch the archives by hand when the download mirrors fail)."""
+def dataset_of(path: Path) -> str | None:
+    """The dataset a file under ``DATA_DIR/FOLDER/raw/`` is read as."""
+    return next((d for d, folder in FOLDERS.items() if folder == path.parent.parent.name), None)
+
+
+def _read(path: Path, check: bool) -> tuple[bytes, str | None]:
+    """The file's bytes and, if ``check``, which dataset's published file they are; without the file, its
+    .gz archive's, decompressed in memory and always checked against the published md5 (people fetch
+    the archives by hand when the download mirrors fail)."""
     archive = path.with_name(path.name + ".gz")
     if path.is_file() or not archive.is_file():
         try:
-            return path.read_bytes()
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise UserError(f"{path} is missing; download MNIST again or fix --data.data_dir") from None
+        return raw, identify(path.name, raw) if check else None
     try:
         raw = gzip.decompress(archive.read_bytes())
     except (OSError, EOFError, zlib.error) as err:  # gzip's own CRC and length checks
         raise UserError(f"{archive} is not a whole gzip archive ({err}); delete it to download again") from None
     found = identify(path.name, raw)
-    wanted = next(d for d, folder in FOLDERS.items() if folder == path.parent.parent.name)
     if found is None:
         raise UserError(
-            f"{archive} does not hold the published {NAMES[wanted]} file (its md5 differs); delete it to download "
-            f"again, or decompress your own file to {path}"
+            f"{archive} does not hold the published {NAMES[dataset_of(path)]} file (its md5 differs); delete it "
+            f"to download again, or decompress your own file to {path}"
         )
-    return raw
+    return raw, found
 
 
 def identify(name: str, raw: bytes) -> str | None:
@@ -90,10 +96,9 @@ def identify(name: str, raw: bytes) -> str | None:
 
 def read_idx(path: Path, ndim: int) -> torch.Tensor:
     """Read one uint8 IDX file, refusing anything whose header does not match its contents."""
-    raw = _read(path)
-    wanted = next((d for d, folder in FOLDERS.items() if folder == path.parent.parent.name), None)
-    found = identify(path.name, raw) if wanted and ndim == 3 else None
-    if found and found != wanted:
+    wanted = dataset_of(path)
+    raw, found = _read(path, check=wanted is not None and ndim == 3)  # the images name the dataset
+    if ndim == 3 and found and found != wanted:
         warnings.warn(
             f"{path} is {NAMES[found]}'s file, not {NAMES[wanted]}'s; reading it as {NAMES[wanted]}. "
             f"Move the files to {FOLDERS[found]}/raw/ and pass --data.dataset {found}",
