@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def open_study(name: str, url: str, config) -> optuna.Study:
     try:
         if "://" in url:  # SQLite waits up to a minute for another process's write, not 5 s
             timeout = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=timeout)
+            storage = rdb_storage(url, timeout)
         else:
             storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
         exists = name in {s.study_name for s in storage.get_all_studies()}
@@ -163,6 +164,19 @@ def open_study(name: str, url: str, config) -> optuna.Study:
             f"--storage {url}: cannot open it ({reason}); give sqlite:///FILE, postgresql://..., mysql://... "
             "(with its driver installed) or a journal file's path"
         ) from None
+
+
+def rdb_storage(url: str, engine_kwargs: dict) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage; two processes making a new database's tables at once collide on its schema
+    version (a UNIQUE constraint, or a table that already exists), and the one that lost simply retries."""
+    for attempt in range(10):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
+            collided = isinstance(err, sqlalchemy.exc.IntegrityError) or "already exists" in str(err)
+            if not collided or attempt == 9:
+                raise
+            time.sleep(0.2)
 
 
 def spawn(i: int, name: str, url: str, config, fit_args: list[str], folder: Path) -> subprocess.Popen:
