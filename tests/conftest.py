@@ -115,3 +115,43 @@ def artifacts(tmp_path_factory) -> Path:
     folder = Path(os.environ.get("TEST_ARTIFACTS") or tmp_path_factory.mktemp("artifacts"))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def spy_program(folder: Path, name: str) -> tuple[Path, Path]:
+    """A stand-in for the external program ``name`` that records each run of it in a file instead of working.
+
+    Returns the folder to put first on PATH and the record, which exists only once the program ran.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / f"{name}.ran"
+    program = folder / name
+    program.write_text(f'#!/bin/sh\necho "$@" >> "{record}"\nexit 1\n')
+    program.chmod(0o755)
+    return folder, record
+
+
+def foreign_images(folder: Path) -> dict[str, Path]:
+    """A small image in each format Pillow can write that a user's image is never read as, by format name.
+
+    EPS is PostScript, which Pillow's EPS plugin hands to Ghostscript; XBM and XPM are C source.
+    """
+    from PIL import Image
+
+    from mnist_lightning.predict import FORMATS
+
+    Image.init()
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    # MPO is a JPEG (and read as one); PDF, PALM and the stubs are written but never read by Pillow at all.
+    for kind in sorted(set(Image.SAVE) - set(FORMATS) - {"MPO"}):
+        path = folder / f"seven.{kind.lower()}"
+        image = Image.new("L", (32, 32), 255)
+        image.paste(0, (10, 4, 22, 28))
+        for mode in ("L", "RGB", "1"):  # each writer takes some modes only
+            try:
+                image.convert(mode).save(path, kind)
+                written[kind] = path
+                break
+            except (OSError, ValueError, KeyError, TypeError):
+                path.unlink(missing_ok=True)
+    return written

@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import run_module
+from conftest import foreign_images, run_module, spy_program
 from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.data import MNISTDataModule
 from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.idx import load_split
 from mnist_lightning.net import normalise
-from mnist_lightning.predict import cli_main, preprocess, read_image
+from mnist_lightning.predict import UnsupportedImage, cli_main, preprocess, read_image
 
 
 def centre_of_mass(image: np.ndarray) -> tuple[float, float]:
@@ -127,6 +127,39 @@ def test_unreadable_files_say_why(tmp_path):
         if name != "missing.png":  # the server's uploads: the same refusal from the bytes alone
             with pytest.raises(UserError, match=message):
                 read_image((tmp_path / name).read_bytes())
+
+
+def test_only_the_documented_formats_are_decoded_and_no_program_runs(tmp_path, monkeypatch):
+    bin_dir, ghostscript = spy_program(tmp_path / "bin", "gs")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    foreign = foreign_images(tmp_path / "images")
+    assert {"EPS", "XBM", "PCX", "ICO", "PPM", "TGA"} <= foreign.keys()  # Pillow can write them all: opened before
+    for path in foreign.values():
+        for source in (path, path.read_bytes()):  # a file for predict, bytes as the server gets them
+            with pytest.raises(UnsupportedImage, match="only PNG, JPEG, BMP, GIF, WebP or TIFF files are read"):
+                read_image(source)
+    assert not ghostscript.exists(), ghostscript.read_text()
+    # The same EPS, opened the way read_image used to open images, does run Ghostscript: the spy works.
+    with pytest.raises(subprocess.CalledProcessError), Image.open(foreign["EPS"]) as image:
+        image.load()
+    assert ghostscript.exists()
+
+
+def test_predict_names_a_foreign_format_and_reads_the_rest(trained_ckpt, tmp_path):
+    bin_dir, ghostscript = spy_program(tmp_path / "bin", "gs")
+    folder = tmp_path / "in"
+    drawn_seven().save(tmp_path / "seven.png")
+    foreign = foreign_images(folder)
+    env_path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mnist_lightning.predict", "--ckpt_path", str(trained_ckpt), str(tmp_path / "seven.png"),
+         *map(str, foreign.values())],
+        capture_output=True, text=True, env={**os.environ, "PATH": env_path, "PYTHONWARNINGS": "ignore"}, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout.startswith(f"{tmp_path / 'seven.png'}  "), proc.stderr
+    refused = [line for line in proc.stderr.splitlines() if "only PNG, JPEG, BMP, GIF, WebP or TIFF files" in line]
+    assert len(refused) == len(foreign) and "could not be read" in proc.stderr.splitlines()[-1]
+    assert not ghostscript.exists()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import run_module
+from conftest import foreign_images, run_module, spy_program
 from mnist_lightning import predict
 from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.errors import run_main
@@ -54,10 +54,11 @@ def server(trained_ckpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     (root / "cwd").mkdir()
     (root / "tmp").mkdir()
-    # An empty working folder and temp folder of its own: the tests can see that nothing lands in them.
-    running = Server(
-        "--ckpt_path", str(trained_ckpt), cwd=root / "cwd", log=root / "stderr.log", env={"TMPDIR": str(root / "tmp")}
-    )
+    # An empty working folder and temp folder of its own: the tests can see that nothing lands in them. A
+    # stand-in Ghostscript first on its PATH records whether any upload made the server run it.
+    bin_dir, _ = spy_program(root / "bin", "gs")
+    env = {"TMPDIR": str(root / "tmp"), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    running = Server("--ckpt_path", str(trained_ckpt), cwd=root / "cwd", log=root / "stderr.log", env=env)
     yield running
     running.stop()
 
@@ -145,7 +146,7 @@ def raw_request(server: Server, head: bytes, body: bytes = b"") -> tuple[int, di
 
 def claimed_length(server: Server, length: int) -> tuple[int, dict]:
     """Headers that announce a body over the limit, and none of it: the server must answer without waiting."""
-    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {length}\r\n\r\n"
+    head = f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: {length}\r\n\r\n"
     return raw_request(server, head.encode())
 
 
@@ -168,7 +169,7 @@ def bad_inputs(tmp_path) -> dict:
     return {
         "empty body": (400, lambda s: s.post(b"")),
         "empty multipart file": (400, lambda s: s.post(*multipart([("file", "x.png", b"")]))),
-        "not an image": (422, lambda s: s.post(b"hello, I am plain text and not a PNG at all")),
+        "not an image": (415, lambda s: s.post(b"hello, I am plain text and not a PNG at all")),
         "truncated PNG": (422, lambda s: s.post(good[: len(good) // 2])),
         "decompression bomb": (422, lambda s: s.post((tmp_path / "bomb.png").read_bytes())),
         "over the size limit, by its Content-Length": (413, lambda s: claimed_length(s, LIMIT + 1)),
@@ -206,12 +207,92 @@ def test_every_bad_input_is_one_json_error_and_the_next_request_is_answered(serv
     assert "Traceback" not in server.log.read_text()
 
 
+def test_only_the_documented_formats_are_decoded_and_no_program_runs(server, tmp_path):
+    foreign = foreign_images(tmp_path)
+    assert {"EPS", "XBM", "PCX", "ICO"} <= foreign.keys()
+    for kind, path in foreign.items():
+        data = path.read_bytes()
+        for status, answer in (server.post(data), server.post(*multipart([("f", path.name, data)]))):
+            assert status == 415 and "only PNG, JPEG, BMP, GIF, WebP or TIFF files are read" in answer["error"], kind
+    assert server.post(encoded(bar(5)))[1]["digit"] == 5
+    assert not (server.log.parent / "bin" / "gs.ran").exists()
+
+
+def browser_post(server: Server, origin: str | None, host: str | None = None, body: bytes | None = None) -> tuple:
+    """A multipart POST of a digit as a browser sends it from a page at ``origin``: a "simple" request, no
+    preflight. Returns the status, the JSON answer and the headers."""
+    # Chrome's boundary, in mixed case: the server once lowercased it with the type, failing every browser upload.
+    boundary = "----WebKitFormBoundaryQ3vYt7Lr"
+    data, content_type = multipart([("file", "digit.png", body or encoded(bar(3)))], boundary=boundary)
+    headers = {"Content-Type": content_type, "Host": f"127.0.0.1:{server.port}" if host is None else host}
+    if origin is not None:
+        headers |= {"Origin": origin, "Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "cross-site"}
+    connection = server.connect()
+    connection.putrequest("POST", "/predict", skip_host=True)
+    for name, value in {**headers, "Content-Length": str(len(data))}.items():
+        connection.putheader(name, value)
+    connection.endheaders(data)
+    response = connection.getresponse()
+    answer = response.status, json.loads(response.read()), dict(response.getheaders())
+    connection.close()
+    return answer
+
+
+def test_only_the_servers_own_page_may_call_it_from_a_browser(server):
+    own = f"http://127.0.0.1:{server.port}"
+    assert browser_post(server, None)[0] == 200  # curl, Python: no Origin
+    assert browser_post(server, own)[0] == 200  # the draw-a-digit page
+    assert browser_post(server, f"http://localhost:{server.port}", f"localhost:{server.port}")[0] == 200
+    for origin in (
+        "https://evil.example",
+        "http://127.0.0.1:9",
+        f"http://127.0.0.1.evil.example:{server.port}",
+        "null",
+    ):
+        status, answer, headers = browser_post(server, origin)
+        assert status == 403 and "only this server's own page may call it" in answer["error"], origin
+        assert "access-control-allow-origin" not in {k.lower() for k in headers}
+    # A preflight from another page is refused as well.
+    status, answer = server.request(
+        "OPTIONS", "/predict", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
+    assert status == 403
+
+
+def test_a_host_that_is_not_the_servers_is_refused_against_dns_rebinding(server):
+    for host in ("evil.example", f"evil.example:{server.port}", "127.0.0.1.nip.io", "", "[bad"):
+        status, answer, _ = browser_post(server, None, host=host)
+        assert status == 400 and "not a name this server answers to" in answer["error"], (host, answer)
+    for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", "localhost", f"[::1]:{server.port}"):
+        assert browser_post(server, None, host=host)[0] == 200, host
+    assert server.post(encoded(bar(5)))[1]["digit"] == 5
+
+
+def test_cors_origins_and_allowed_hosts_open_the_server_to_the_pages_named(trained_ckpt, tmp_path):
+    app = "https://digits.example"
+    opened = Server("--ckpt_path", str(trained_ckpt), "--cors_origins", app, "--allowed_hosts", "api.example",
+                    cwd=tmp_path, log=tmp_path / "log")  # fmt: skip
+    try:
+        status, answer, headers = browser_post(opened, app, host="api.example")
+        assert (status, answer["digit"], headers.get("access-control-allow-origin")) == (200, 3, app)
+        preflight = {
+            "Origin": app,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key",
+        }
+        assert opened.request("OPTIONS", "/predict", headers=preflight)[0] == 200
+        assert browser_post(opened, "https://evil.example", host="api.example")[0] == 403
+        assert browser_post(opened, None, host="other.example")[0] == 400
+    finally:
+        opened.stop()
+
+
 def test_a_blank_image_is_answered_and_flagged(server):
     for blank in (Image.new("L", (28, 28), 0), Image.new("L", (300, 200), 255)):
         status, answer = server.post(encoded(blank))
         assert (status, answer["blank"]) == (422, True)
         assert answer["error"] == "no digit found: the image is blank"
-    status, answer = server.post(b"junk", "image/png")
+    status, answer = server.post(encoded(bar(1))[:60], "image/png")  # a PNG cut short: unreadable, not blank
     assert (status, answer["blank"]) == (422, False)
 
 

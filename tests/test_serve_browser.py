@@ -4,10 +4,13 @@ With MNIST_DATA_DIR set, a model trained on the real data must read drawn digits
 synthetic model only shows that the plumbing works. Screenshots go to $TEST_ARTIFACTS (else tmp_path).
 """
 
+import functools
+import http.server
 import json
 import math
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -130,3 +133,30 @@ def test_a_refusal_and_a_server_that_is_down_show_on_the_page(start, artifacts):
     expect(page.locator("#error")).to_contain_text("Cannot reach the server", timeout=WAIT_MS)
     expect(page.locator("#prediction")).to_have_text("")
     page.screenshot(path=artifacts / "serve-down.png")
+
+
+def test_a_page_on_another_origin_cannot_drive_the_server(start, tmp_path):
+    """Another site's page makes the browser send a form upload (no preflight for a "simple" request) and a
+    fetch; the server refuses both with 403 before decoding anything, and the page cannot read either."""
+    server, own_page = start()
+    files = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), files)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    (tmp_path / "evil.html").write_text("<html><body>another site</body></html>")
+    try:
+        page = own_page.context.browser.new_page()
+        page.goto(f"http://127.0.0.1:{other.server_address[1]}/evil.html")
+        script = """async url => {
+            const png = await (await fetch("data:image/png;base64," + %s)).blob();
+            const form = new FormData(); form.append("file", png, "digit.png");
+            await fetch(url, {method: "POST", mode: "no-cors", body: form});   // a simple request
+            try { await fetch(url, {method: "POST", body: png}); return "read"; } catch (e) { return "blocked"; }
+        }"""
+        png = '"iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="'
+        with page.expect_response(server.url + "predict") as first:
+            outcome = page.evaluate(script % png, server.url + "predict")
+        assert first.value.status == 403 and outcome == "blocked"
+        page.close()
+    finally:
+        other.shutdown()
+        other.server_close()

@@ -8,13 +8,17 @@ import base64
 import gc
 import hmac
 import io
+import ipaddress
 import json
 import os
+import socket
 from importlib.resources import files
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from python_multipart.exceptions import MultipartParseError
@@ -25,7 +29,7 @@ from starlette.exceptions import HTTPException
 from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.errors import UserError
 from mnist_lightning.net import normalise
-from mnist_lightning.predict import read_image
+from mnist_lightning.predict import UnsupportedImage, read_image
 
 SETTINGS_VARIABLE = "MNIST_SERVE_SETTINGS"  # how the processes of --workers N learn what to serve
 # Smaller bodies are decoded on the event loop: for a 28x28 PNG the hop to a thread costs more than the work.
@@ -94,7 +98,91 @@ def multipart_file(body: bytes, content_type: str) -> bytes:
     raise BadRequest(400, "the multipart upload holds no file; send the image as a file field: -F file=@digit.png")
 
 
-def create_app(net: torch.nn.Module, mean: float, std: float, *, api_key: str | None, max_bytes: int) -> FastAPI:
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def host_names(bound: str) -> set[str]:
+    """The Host header values (names, without the port) a server bound to ``bound`` answers to."""
+    if bound in ("", "0.0.0.0", "::"):  # every interface: this machine's names and addresses
+        names = {socket.gethostname(), socket.getfqdn()}
+        try:
+            names |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+        except OSError:
+            pass
+        return {name.lower() for name in names} | set(LOOPBACK)
+    try:
+        loopback = bound == "localhost" or ipaddress.ip_address(bound).is_loopback
+    except ValueError:
+        loopback = False
+    return set(LOOPBACK) if loopback else {bound.lower()}
+
+
+def split_host(value: str, default_port: int | None) -> tuple[str, int | None] | None:
+    """``name[:port]`` or ``[v6]:port`` as (lower-case name, port); None if it cannot be parsed."""
+    try:
+        parts = urlsplit(f"//{value}")
+        return (parts.hostname or "").rstrip("."), parts.port or default_port
+    except ValueError:
+        return None
+
+
+class OwnPageOnly:
+    """Refuses what a browser sends on behalf of another web page, before the app sees the request.
+
+    A page on any site can make its visitor's browser POST a form to 127.0.0.1 (a "simple" request
+    needs no preflight), and DNS rebinding lets such a page read the answers under its own name. So a
+    request whose Host is not a name this server answers to gets 400 (as Django's ALLOWED_HOSTS and
+    Starlette's TrustedHostMiddleware do), and one whose Origin is not the server's own page, nor one of
+    ``cors_origins``, gets 403. Clients that are not browsers (curl, Python) send no Origin.
+    """
+
+    def __init__(self, app, hosts: set[str], cors_origins: list[str]):
+        self.app, self.hosts, self.origins = app, hosts, set(cors_origins)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host, origin = headers.get("host", ""), headers.get("origin")
+        name = split_host(host, None)
+        if "*" not in self.hosts and (name is None or name[0] not in self.hosts):
+            error = (
+                400,
+                f"Host {host[:100]!r} is not a name this server answers to; start it with --allowed_hosts NAME "
+                "to answer to another name",
+            )
+        elif origin is None or "*" in self.origins or origin in self.origins or same_origin(origin, host):
+            return await self.app(scope, receive, send)
+        else:
+            error = (
+                403,
+                f"requests from the page at {origin[:100]} are refused: only this server's own page may call it; "
+                "start it with --cors_origins ORIGIN to allow another",
+            )
+        await JSONResponse({"error": error[1]}, status_code=error[0])(scope, receive, send)
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether the page at ``origin`` (scheme://name[:port]) is this server's own, reached as ``host``."""
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https"):  # "null": a sandboxed frame or a file:// page
+        return False
+    default = 443 if parts.scheme == "https" else 80  # behind a TLS proxy the page is https, the Host the same name
+    return split_host(parts.netloc, default) == split_host(host, default)
+
+
+def create_app(
+    net: torch.nn.Module,
+    mean: float,
+    std: float,
+    *,
+    api_key: str | None,
+    max_bytes: int,
+    hosts: set[str] | None = None,
+    cors_origins: list[str] = (),
+) -> FastAPI:
+    """The app; ``hosts`` are the Host names it answers to (None: any), ``cors_origins`` the other pages that
+    may call it from a browser."""
     torch.set_num_threads(1)  # one small image a call has nothing to share out; workers are the parallelism
     # What exists now (torch, the network) lives as long as the process: keep it out of every garbage
     # collection. A full one over it took 150-160 ms here, a stall for every request in flight.
@@ -102,6 +190,11 @@ def create_app(net: torch.nn.Module, mean: float, std: float, *, api_key: str | 
     gc.freeze()
     page = files("mnist_lightning").joinpath("static/index.html").read_text(encoding="utf-8")
     app = FastAPI(title="mnist-lightning", docs_url=None, redoc_url=None, openapi_url=None)
+    if cors_origins:  # answers the preflights of the pages allowed, and tells their browsers they may read
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"], allow_headers=["*"]
+        )
+    app.add_middleware(OwnPageOnly, hosts=hosts or {"*"}, cors_origins=list(cors_origins))  # the outermost
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, err: BadRequest) -> JSONResponse:
@@ -127,8 +220,8 @@ def create_app(net: torch.nn.Module, mean: float, std: float, *, api_key: str | 
     async def predict(request: Request) -> JSONResponse:
         if api_key and not hmac.compare_digest(request.headers.get("x-api-key", "").encode(), api_key.encode()):
             raise BadRequest(401, "missing or wrong API key; send it in the X-API-Key header")
-        content_type = request.headers.get("content-type", "").strip().lower()
-        kind = content_type.split(";")[0].strip()
+        content_type = request.headers.get("content-type", "").strip()
+        kind = content_type.split(";")[0].strip().lower()  # the type is case-blind; a multipart boundary is not
         if not (kind in RAW_TYPES or kind.startswith("image/") or kind == "multipart/form-data"):
             raise BadRequest(
                 415,
@@ -141,6 +234,8 @@ def create_app(net: torch.nn.Module, mean: float, std: float, *, api_key: str | 
             raise BadRequest(400, "the upload is empty; send one image file")
         try:
             image = read_image(data) if len(data) <= INLINE_BYTES else await run_in_threadpool(read_image, data)
+        except UnsupportedImage as err:
+            raise BadRequest(415, f"{err}") from None
         except UserError as err:
             raise BadRequest(422, f"{err}", blank=str(err).startswith("no digit found")) from None
         return JSONResponse(answer(image, classify(net, mean, std, image)))
@@ -170,7 +265,15 @@ def from_environment() -> FastAPI:
     """The app for one process of ``--workers N``, built from the settings the command put in the environment."""
     settings = json.loads(os.environ[SETTINGS_VARIABLE])
     net, (mean, std), _ = load_checkpoint(settings["ckpt_path"])
-    return create_app(net, mean, std, api_key=settings["api_key"], max_bytes=settings["max_bytes"])
+    return create_app(
+        net,
+        mean,
+        std,
+        api_key=settings["api_key"],
+        max_bytes=settings["max_bytes"],
+        hosts=set(settings["hosts"]),
+        cors_origins=settings["cors_origins"],
+    )
 
 
 def as_png(image: np.ndarray) -> bytes:

@@ -26,6 +26,11 @@ from mnist_lightning.net import normalise
 from mnist_lightning.outputs import write_output
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}  # what a folder is searched for
+# The only Pillow decoders an image from a user or the network reaches. Plain Image.open tries every
+# plugin Pillow has: its EPS plugin runs Ghostscript from PATH on the file's PostScript, and others parse
+# formats no digit comes in. Anything else is refused before a byte of it is decoded.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+FORMAT_NAMES = "PNG, JPEG, BMP, GIF, WebP or TIFF"
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo; anything bigger is refused as a likely decompression bomb
 INK = 64  # of 255: fainter pixels (paper texture, JPEG noise) do not widen the digit's box
 
@@ -76,14 +81,21 @@ def preprocess(image: Image.Image) -> np.ndarray:
     return out
 
 
+class UnsupportedImage(UserError):
+    """A file that is none of the decoded FORMATS (the server answers it with 415)."""
+
+
 def read_image(source: Path | bytes) -> np.ndarray:
-    """Open and preprocess one file, or its bytes (an upload); a UserError says in a few words why it can't be."""
+    """Open and preprocess one file, or its bytes (an upload); a UserError says in a few words why it can't be.
+
+    Only the decoders of ``FORMATS`` are used, whatever the file claims to be.
+    """
     try:
         if (len(source) if isinstance(source, bytes) else source.stat().st_size) == 0:
             raise UserError("empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS) as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise Image.DecompressionBombError
                 image.load()
@@ -91,7 +103,7 @@ def read_image(source: Path | bytes) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserError(f"over {MAX_PIXELS:,} pixels, refused as a possible decompression bomb") from None
     except UnidentifiedImageError:
-        raise UserError("not an image that can be read (PNG, JPEG, BMP, GIF, WebP or TIFF)") from None
+        raise UnsupportedImage(f"not an image that can be read: only {FORMAT_NAMES} files are read") from None
     except OSError as err:  # missing, unreadable, truncated
         raise UserError(f"cannot be read: {err.strerror or err}") from None
     except UserError:

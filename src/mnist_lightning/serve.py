@@ -55,6 +55,20 @@ def cli_main(args: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1, help="server processes sharing the port")
     parser.add_argument("--api_key", default=os.environ.get(KEY_VARIABLE), help=f"/predict's key; or ${KEY_VARIABLE}")
     parser.add_argument("--max_bytes", type=int, default=10_000_000, help="largest upload accepted, in bytes")
+    parser.add_argument(
+        "--cors_origins",
+        nargs="+",
+        default=[],
+        metavar="ORIGIN",
+        help="other web pages (https://example.com) whose scripts may call the API from a browser; '*': any",
+    )
+    parser.add_argument(
+        "--allowed_hosts",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="Host header names answered besides those of --host (the name a proxy forwards); '*': any",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     config = parser.parse_args(args)
     if config.workers < 1:
@@ -67,7 +81,7 @@ def cli_main(args: list[str] | None = None) -> None:
         import uvicorn
         from uvicorn.supervisors import Multiprocess
 
-        from mnist_lightning.app import SETTINGS_VARIABLE, create_app
+        from mnist_lightning.app import SETTINGS_VARIABLE, create_app, host_names
     except ModuleNotFoundError as err:
         if err.name not in ("fastapi", "starlette", "uvicorn", "python_multipart"):
             raise
@@ -77,13 +91,27 @@ def cli_main(args: list[str] | None = None) -> None:
     sock = listen(config.host, config.port)
     host, port = sock.getsockname()[:2]
     print(f"serving {ckpt_path} at http://{f'[{host}]' if ':' in host else host}:{port}/", flush=True)
-    settings = {"ckpt_path": str(ckpt_path), "api_key": config.api_key or None, "max_bytes": config.max_bytes}
+    settings = {
+        "ckpt_path": str(ckpt_path),
+        "api_key": config.api_key or None,
+        "max_bytes": config.max_bytes,
+        "hosts": sorted(host_names(config.host) | {name.lower() for name in config.allowed_hosts}),
+        "cors_origins": config.cors_origins,
+    }
     # No line per request (errors and tracebacks are still logged). The plain asyncio loop: with uvloop, p99
     # at 32 connections was 38-240 ms in six runs here, with asyncio 24-46 ms in six, at about the same
     # requests/s. httptools (in the serve extra) served about a fifth more requests/s than h11.
     options = {"log_level": "warning", "access_log": False, "loop": "asyncio", "workers": config.workers}
     if config.workers == 1:
-        app = create_app(net, mean, std, api_key=settings["api_key"], max_bytes=config.max_bytes)
+        app = create_app(
+            net,
+            mean,
+            std,
+            api_key=settings["api_key"],
+            max_bytes=config.max_bytes,
+            hosts=set(settings["hosts"]),
+            cors_origins=settings["cors_origins"],
+        )
         uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
     else:
         # Each worker is a fresh process that loads the checkpoint itself, from these settings.
