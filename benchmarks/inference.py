@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 from mnist_lightning import predict
-from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.export import RawPixels, to_onnx, to_torchscript
-from mnist_lightning.idx import load_split
+from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.idx import load_split
 
 
 def median_call(run, batches: list, passes: int = 3) -> float:

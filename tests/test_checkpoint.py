@@ -9,8 +9,8 @@ import torch
 
 from conftest import run_module
 from mnist_lightning import evaluate, export, predict
-from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.errors import UserError, run_main
+from mnist_lightning.files.checkpoints import load_checkpoint
 from mnist_lightning.model import MNISTClassifier
 
 

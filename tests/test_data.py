@@ -10,10 +10,10 @@ from torch.utils.data import DistributedSampler
 from torchvision import datasets
 
 from conftest import TEST_SIZE, TRAIN_SIZE, write_dataset, write_idx
-from mnist_lightning import idx
 from mnist_lightning.data import DeviceBatches, MNISTDataModule, TensorBatches
 from mnist_lightning.errors import UserError
-from mnist_lightning.idx import load_split
+from mnist_lightning.files import idx
+from mnist_lightning.files.idx import load_split
 
 
 def make(data_dir, **kwargs) -> MNISTDataModule:

@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch import Callback
 
 from conftest import FAST, run_module
-from mnist_lightning.callbacks import ProcessGroupTeardown
 from mnist_lightning.data import MNISTDataModule
 from mnist_lightning.fit import cli_main
 from mnist_lightning.model import MNISTClassifier
+from mnist_lightning.training.callbacks import ProcessGroupTeardown
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +147,7 @@ def test_the_process_group_is_destroyed_at_exit(data_dir, tmp_path, monkeypatch)
     assert sum(isinstance(c, ProcessGroupTeardown) for c in callbacks) == 1
     script = f"""
 import atexit, signal, torch
-from mnist_lightning.callbacks import ProcessGroupTeardown
+from mnist_lightning.training.callbacks import ProcessGroupTeardown
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a shell, whatever pytest was started with
 torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 destroy, calls = torch.distributed.destroy_process_group, []

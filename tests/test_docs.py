@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from conftest import run_module
-from mnist_lightning.checkpoint import load_checkpoint
-from mnist_lightning.idx import load_split
+from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.idx import load_split
 from mnist_lightning.net import normalise
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -3,10 +3,10 @@ import onnxruntime
 import pytest
 import torch
 
-from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.errors import UserError
 from mnist_lightning.export import cli_main
-from mnist_lightning.idx import load_split
+from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.idx import load_split
 
 
 @pytest.fixture(scope="module")

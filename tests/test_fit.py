@@ -13,10 +13,10 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import FAST, run_module
-from mnist_lightning import report
 from mnist_lightning.errors import UserError
 from mnist_lightning.fit import cli_main
-from mnist_lightning.speedups import NoProfiler
+from mnist_lightning.training import tensorboard as report
+from mnist_lightning.training.speedups import NoProfiler
 
 
 def scalars(version_dir: Path) -> dict[str, list[float]]:
@@ -308,7 +308,7 @@ def test_a_finished_runs_advice_works(data_dir, tmp_path, monkeypatch):
 def test_speedups_switch_off_together(data_dir, tmp_path, monkeypatch):
     from lightning.pytorch.profilers import PassThroughProfiler
 
-    from mnist_lightning import speedups
+    from mnist_lightning.training import speedups
 
     monkeypatch.chdir(tmp_path)
     seen = {}

@@ -1,10 +1,10 @@
 import torch
 
-from mnist_lightning import speedups
 from mnist_lightning.metrics import LossAndAccuracy
 from mnist_lightning.model import MNISTClassifier
 from mnist_lightning.net import MLP
-from mnist_lightning.speedups import SmoothedCrossEntropy
+from mnist_lightning.training import speedups
+from mnist_lightning.training.speedups import SmoothedCrossEntropy
 
 
 def test_network_is_784_128_64_10():
@@ -83,7 +83,7 @@ def test_loss_falls_on_a_tiny_batch():
 
 
 def test_the_confusion_matrix_is_legible():
-    from mnist_lightning import report
+    from mnist_lightning.training import tensorboard as report
 
     matrix = torch.eye(10, dtype=torch.long) * 1013  # four-digit counts, the real test set's size
     matrix[3, 8] = 1
@@ -105,7 +105,7 @@ def test_the_confusion_matrix_is_legible():
 
 
 def test_the_misread_digits_are_captioned():
-    from mnist_lightning import report
+    from mnist_lightning.training import tensorboard as report
 
     images = torch.rand(10, 1, 28, 28)
     figure = report.mistakes_figure(images, torch.arange(10), torch.arange(10).flip(0), columns=4)
@@ -119,7 +119,7 @@ def test_the_misread_digits_are_captioned():
 
 
 def test_tensorboard_files_curves_under_what_they_measure():
-    from mnist_lightning.report import tag
+    from mnist_lightning.training.tensorboard import tag
 
     keys = ("train/loss", "val/acc", "train/loss_step", "val/acc_best", "test/acc", "lr", "lr-Adam")
     assert [tag(k) for k in keys] == [

@@ -14,8 +14,8 @@ import torch
 from conftest import FAST, run_module
 from mnist_lightning import evaluate, export
 from mnist_lightning.errors import UserError
-from mnist_lightning.outputs import atomic_write, write_output
-from mnist_lightning.runs import AtomicCheckpointIO, write_metrics
+from mnist_lightning.files.outputs import atomic_write, write_output
+from mnist_lightning.files.runs import AtomicCheckpointIO, write_metrics
 
 
 def test_a_failed_write_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path, monkeypatch):

@@ -13,10 +13,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import foreign_images, run_module, spy_program
-from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.data import MNISTDataModule
 from mnist_lightning.errors import UserError, run_main
-from mnist_lightning.idx import load_split
+from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.idx import load_split
 from mnist_lightning.net import normalise
 from mnist_lightning.predict import UnsupportedImage, cli_main, preprocess, read_image
 

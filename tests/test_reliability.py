@@ -16,10 +16,10 @@ import torch
 from lightning.pytorch import Callback
 
 from conftest import FAST, run_module, write_dataset
-from mnist_lightning import runs
 from mnist_lightning.errors import UserError, run_main
+from mnist_lightning.files import runs
+from mnist_lightning.files.runs import AtomicCheckpointIO, claim_version
 from mnist_lightning.fit import cli_main
-from mnist_lightning.runs import AtomicCheckpointIO, claim_version
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -245,7 +245,7 @@ def test_kill_9_then_resume_last_is_bit_identical(data_dir, tmp_path):
 
 WRITER = """
 import sys, torch
-from mnist_lightning.runs import AtomicCheckpointIO
+from mnist_lightning.files.runs import AtomicCheckpointIO
 io, step = AtomicCheckpointIO(), 0
 while True:
     step += 1

@@ -11,9 +11,9 @@ import pytest
 from lightning.pytorch import Callback
 
 from conftest import FAST
-from mnist_lightning import checks
 from mnist_lightning.errors import UserError
 from mnist_lightning.fit import cli_main
+from mnist_lightning.training import checks
 
 
 def snapshot(folder):

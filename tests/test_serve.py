@@ -15,11 +15,11 @@ from PIL import Image, ImageDraw
 
 from conftest import foreign_images, run_module, spy_program
 from mnist_lightning import predict
-from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.errors import run_main
-from mnist_lightning.idx import load_split
+from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.idx import load_split
 from mnist_lightning.net import normalise
-from mnist_lightning.serve import cli_main, listen, newest_best
+from mnist_lightning.serve.server import cli_main, listen, newest_best
 from serving import Server
 from test_checkpoint import RunsACommand
 from test_predict import png_claiming

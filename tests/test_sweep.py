@@ -10,8 +10,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import FAST, run_module
-from mnist_lightning import fit, sweep
+from mnist_lightning import fit
 from mnist_lightning.errors import UserError
+from mnist_lightning.sweep import study as sweep
 
 # One epoch, batches of 32: a trial takes about a second, and its first epoch already learns the data.
 TINY = [*FAST, "--trainer.max_epochs", "1", "--data.batch_size", "32"]

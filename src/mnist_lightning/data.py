@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 
 from mnist_lightning.augment import translate
 from mnist_lightning.errors import UserError
-from mnist_lightning.idx import FILES, FOLDERS, load_split, present, raw_dir
+from mnist_lightning.files.idx import FILES, FOLDERS, load_split, present, raw_dir
 from mnist_lightning.net import MNIST_MEAN, MNIST_STD, normalise
 
 

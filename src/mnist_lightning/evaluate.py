@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from jsonargparse import ArgumentError, ArgumentParser
 
-from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.errors import UserError, run_main, usage_error
-from mnist_lightning.idx import load_split, raw_dir
+from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.idx import load_split, raw_dir
+from mnist_lightning.files.outputs import write_output
 from mnist_lightning.net import MNIST_MEAN, MNIST_STD, normalise
-from mnist_lightning.outputs import write_output
 
 
 def evaluate(net, data: dict, label_smoothing: float = 0.0) -> dict:

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.errors import UserError, run_main
+from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.outputs import write_output
 from mnist_lightning.net import normalise
-from mnist_lightning.outputs import write_output
 
 TOLERANCE = 1e-4  # on the logits; float32 kernels of different runtimes differ by ~1e-6
 

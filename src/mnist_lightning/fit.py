@@ -16,16 +16,17 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mnist_lightning import runs, speedups
-from mnist_lightning.callbacks import EpochTimer, ProcessGroupTeardown, closing_lines
-from mnist_lightning.checkpoint import load_checkpoint
-from mnist_lightning.checks import RunChecks
-from mnist_lightning.cli import MNISTCLI
 from mnist_lightning.data import MNISTDataModule
 from mnist_lightning.errors import UserError, config_error, run_main, usage_error
+from mnist_lightning.files import runs
+from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.outputs import disk_error
 from mnist_lightning.model import MNISTClassifier
-from mnist_lightning.outputs import disk_error
-from mnist_lightning.report import RunReport
+from mnist_lightning.training import speedups
+from mnist_lightning.training.callbacks import EpochTimer, ProcessGroupTeardown, closing_lines
+from mnist_lightning.training.checks import RunChecks
+from mnist_lightning.training.tensorboard import RunReport
+from mnist_lightning.training.trainer import MNISTCLI
 
 
 def cli_main(args: list[str] | None = None, callbacks: tuple[Callback, ...] = ()) -> dict:

@@ -10,7 +10,7 @@ from torchmetrics import MaxMetric
 from mnist_lightning.errors import UserError
 from mnist_lightning.metrics import LossAndAccuracy
 from mnist_lightning.net import MLP
-from mnist_lightning.speedups import Speedups
+from mnist_lightning.training.speedups import Speedups
 
 
 class MNISTClassifier(Speedups, L.LightningModule):

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.errors import UserError, run_main
+from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.outputs import write_output
 from mnist_lightning.net import normalise
-from mnist_lightning.outputs import write_output
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}  # what a folder is searched for
 # The only Pillow decoders an image from a user or the network reaches. Plain Image.open tries every

@@ -6,8 +6,8 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from mnist_lightning.callbacks import here
-from mnist_lightning.outputs import atomic_write
+from mnist_lightning.files.outputs import atomic_write
+from mnist_lightning.training.callbacks import here
 
 
 def summary(study: optuna.Study, searched: list[str]) -> str:
@@ -67,8 +67,8 @@ def best_yaml(study: optuna.Study, path: Path, recipe: dict, defaults: dict) -> 
 
 def test_best(study: optuna.Study) -> str:
     """The best trial's test accuracy: the test set's one use in the search, after it."""
-    from mnist_lightning.checkpoint import load_checkpoint
     from mnist_lightning.evaluate import evaluate
+    from mnist_lightning.files.checkpoints import load_checkpoint
 
     best = study.best_trial
     ckpt = best.user_attrs.get("best_model_path")

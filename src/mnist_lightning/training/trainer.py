@@ -9,10 +9,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from mnist_lightning import runs, speedups
-from mnist_lightning.callbacks import EpochBar, EpochCheckpoint
 from mnist_lightning.errors import UserError, checks_an_argument, config_error
-from mnist_lightning.report import RunLogger
+from mnist_lightning.files import runs
+from mnist_lightning.training import speedups
+from mnist_lightning.training.callbacks import EpochBar, EpochCheckpoint
+from mnist_lightning.training.tensorboard import RunLogger
 
 
 def refuse_aliases(load):

@@ -66,7 +66,7 @@ def run_trial(study: optuna.Study, trial: Trial, fit_args: list[str], folder: Pa
     run = folder / f"trial-{trial.number}"
     trial.set_user_attr("run", str(run.resolve()))
     where = {"save_dir": str(folder.resolve()), "name": "", "version": run.name, "default_hp_metric": False}
-    logger = {"class_path": "mnist_lightning.report.RunLogger", "init_args": where}
+    logger = {"class_path": "mnist_lightning.training.tensorboard.RunLogger", "init_args": where}
     # Not tested: the test set is looked at once, for the best trial, after the search.
     args = ["--trainer.limit_test_batches", "0", *fit_args]
     args += [f"--{k}={v}" for k, v in params.items()] + [f"--trainer.logger={json.dumps(logger)}"]

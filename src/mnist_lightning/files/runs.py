@@ -13,7 +13,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from mnist_lightning.errors import UserError
-from mnist_lightning.outputs import atomic_write, disk_error
+from mnist_lightning.files.outputs import atomic_write, disk_error
 
 # What a run writes into its folder; a failed run's folder holding anything else is left alone.
 LOCK = ".lock"  # held while a run writes to its folder

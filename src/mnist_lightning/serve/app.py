@@ -26,8 +26,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.errors import UserError
+from mnist_lightning.files.checkpoints import load_checkpoint
 from mnist_lightning.net import normalise
 from mnist_lightning.predict import UnsupportedImage, read_image
 
@@ -188,7 +188,7 @@ def create_app(
     # collection. A full one over it took 150-160 ms here, a stall for every request in flight.
     gc.collect()
     gc.freeze()
-    page = files("mnist_lightning").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = files("mnist_lightning.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     app = FastAPI(title="mnist-lightning", docs_url=None, redoc_url=None, openapi_url=None)
     if cors_origins:  # answers the preflights of the pages allowed, and tells their browsers they may read
         app.add_middleware(

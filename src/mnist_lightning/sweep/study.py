@@ -22,10 +22,11 @@ import sqlalchemy.exc
 import yaml
 from optuna.trial import TrialState
 
-from mnist_lightning import fit, speedups
+from mnist_lightning import fit
 from mnist_lightning.errors import UserError, run_main
-from mnist_lightning.sweep_report import best_yaml, summary, test_best
-from mnist_lightning.sweep_trials import optimize
+from mnist_lightning.sweep.report import best_yaml, summary, test_best
+from mnist_lightning.sweep.trials import optimize
+from mnist_lightning.training import speedups
 
 # The search space, by fit's option names. The network and the epochs stay as given, and an option
 # given on the command line is fixed: it is left out of the search.
@@ -201,6 +202,3 @@ def main() -> None:
     finally:
         speedups.exit_without_gc()
 
-
-if __name__ == "__main__":
-    main()

@@ -11,8 +11,8 @@ import os
 import socket
 from pathlib import Path
 
-from mnist_lightning.checkpoint import load_checkpoint
 from mnist_lightning.errors import UserError, run_main
+from mnist_lightning.files.checkpoints import load_checkpoint
 
 KEY_VARIABLE = "MNIST_API_KEY"
 
@@ -81,7 +81,7 @@ def cli_main(args: list[str] | None = None) -> None:
         import uvicorn
         from uvicorn.supervisors import Multiprocess
 
-        from mnist_lightning.app import SETTINGS_VARIABLE, create_app, host_names
+        from mnist_lightning.serve.app import SETTINGS_VARIABLE, create_app, host_names
     except ModuleNotFoundError as err:
         if err.name not in ("fastapi", "starlette", "uvicorn", "python_multipart"):
             raise
@@ -116,12 +116,11 @@ def cli_main(args: list[str] | None = None) -> None:
     else:
         # Each worker is a fresh process that loads the checkpoint itself, from these settings.
         os.environ[SETTINGS_VARIABLE] = json.dumps(settings)
-        Multiprocess(uvicorn.Config("mnist_lightning.app:from_environment", factory=True, **options), [sock]).run()
+        Multiprocess(
+            uvicorn.Config("mnist_lightning.serve.app:from_environment", factory=True, **options), [sock]
+        ).run()
 
 
 def main() -> None:
     run_main(cli_main)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,3 @@
+from mnist_lightning.serve.server import main
+
+main()

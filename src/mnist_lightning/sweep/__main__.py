@@ -1,0 +1,3 @@
+from mnist_lightning.sweep.study import main
+
+main()
