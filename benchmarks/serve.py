@@ -27,8 +27,8 @@ from PIL import Image
 
 from mnist_lightning.files.checkpoints import load_checkpoint
 from mnist_lightning.files.idx import load_split
+from mnist_lightning.files.images import read_image
 from mnist_lightning.net import normalise
-from mnist_lightning.predict import read_image
 from mnist_lightning.serve.app import answer, as_png, classify
 
 # wrk's Lua: each thread cycles through the bodies; done() prints the totals and exact percentiles.

@@ -137,7 +137,7 @@ def foreign_images(folder: Path) -> dict[str, Path]:
     """
     from PIL import Image
 
-    from mnist_lightning.predict import FORMATS
+    from mnist_lightning.files.images import FORMATS
 
     Image.init()
     folder.mkdir(parents=True, exist_ok=True)

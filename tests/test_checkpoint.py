@@ -1,8 +1,10 @@
+import json
 import os
 import random
 import shlex
 import struct
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +181,29 @@ def test_predict_refuses_the_malicious_checkpoint_from_the_command_line(tmp_path
 def test_a_folder_is_not_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match="is not a file"):
         load_checkpoint(tmp_path)
+
+
+def test_ckpt_path_last_and_best_mean_the_same_in_every_command(tmp_path):
+    """last: the newest run's last.ckpt; best: that run's best (metrics.json's, else its newest other .ckpt)."""
+    from mnist_lightning.files.checkpoints import resolve_checkpoint
+
+    def run(version: int, names: list[str], mtime: int) -> Path:
+        folder = tmp_path / f"lightning_logs/version_{version}/checkpoints"
+        folder.mkdir(parents=True)
+        for i, name in enumerate(names):
+            (folder / name).write_bytes(b"")
+            os.utime(folder / name, (mtime + i, mtime + i))
+        return folder
+
+    older = run(3, ["best-epoch1-val_acc0.5.ckpt", "last.ckpt"], 1_000)
+    newest = run(1, ["best-epoch1-val_acc0.6.ckpt", "best-epoch2-val_acc0.7.ckpt", "last.ckpt"], 5_000)
+    run(2, [], 9_000)  # a run killed before its first checkpoint does not count
+    assert resolve_checkpoint("last", tmp_path) == newest / "last.ckpt"  # newest by time, not by version
+    assert resolve_checkpoint("best", tmp_path) == newest / "best-epoch2-val_acc0.7.ckpt"
+    (newest.parent / "metrics.json").write_text(
+        json.dumps({"best_model_path": str(newest / "best-epoch1-val_acc0.6.ckpt")})
+    )
+    assert resolve_checkpoint("best", tmp_path) == newest / "best-epoch1-val_acc0.6.ckpt"
+    assert resolve_checkpoint("some/file.ckpt", tmp_path) == Path("some/file.ckpt")
+    os.utime(older / "last.ckpt", (9_500, 9_500))
+    assert resolve_checkpoint("best", tmp_path) == older / "best-epoch1-val_acc0.5.ckpt"

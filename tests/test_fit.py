@@ -315,7 +315,7 @@ def test_speedups_switch_off_together(data_dir, tmp_path, monkeypatch):
 
     class Look(Callback):
         def on_fit_end(self, trainer, model):
-            seen[os.environ["MNIST_LIGHTNING_SPEEDUPS"]] = (type(trainer.profiler), speedups.on("hook_names"))
+            seen[os.environ["MNIST_LIGHTNING_SPEEDUPS"]] = (type(trainer.profiler), speedups.on("loss"))
 
     for setting in ("all", "none"):
         monkeypatch.setenv("MNIST_LIGHTNING_SPEEDUPS", setting)
@@ -324,12 +324,12 @@ def test_speedups_switch_off_together(data_dir, tmp_path, monkeypatch):
     assert seen["all"][:2] == (NoProfiler, True) and seen["none"][:2] == (PassThroughProfiler, False)
     assert seen["all"][2] == seen["none"][2]  # they change the time, never a figure
     monkeypatch.setenv("MNIST_LIGHTNING_SPEEDUPS", "profiler,turbo")
-    with pytest.raises(UserError, match="MNIST_LIGHTNING_SPEEDUPS names turbo; use all, none or some of hook_names"):
+    with pytest.raises(UserError, match="MNIST_LIGHTNING_SPEEDUPS names turbo; use all, none or some of loss"):
         cli_main(["--print_config"])
 
 
 def test_a_value_error_that_is_not_lightnings_verdict_keeps_its_traceback():
-    from mnist_lightning.errors import checks_an_argument
+    from mnist_lightning.training.trainer import checks_an_argument
 
     try:
         raise ValueError("a bug of ours")

@@ -1,5 +1,8 @@
+from pathlib import Path
+
 import torch
 
+from mnist_lightning import model as model_module
 from mnist_lightning.metrics import LossAndAccuracy
 from mnist_lightning.model import MNISTClassifier
 from mnist_lightning.net import MLP
@@ -20,6 +23,7 @@ def test_the_defaults_are_the_recipe():
 
 
 def test_the_fast_loss_matches_torchs_label_smoothing_in_value_and_gradient():
+    speedups.configure("all")  # another test may have left them off
     torch.manual_seed(0)
     logits, target = torch.randn(32, 10, dtype=torch.float64), torch.randint(0, 10, (32,))
     for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
@@ -37,19 +41,25 @@ def test_the_fast_loss_matches_torchs_label_smoothing_in_value_and_gradient():
     assert SmoothedCrossEntropy(0.1)(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long)).item() == 0
 
 
-def test_the_speedups_swap_in_the_fast_loss_only_when_on(monkeypatch):
-    for setting, smoothing, expected in (("all", 0.1, SmoothedCrossEntropy), ("none", 0.1, torch.nn.CrossEntropyLoss)):
+def test_what_model_py_declares_is_what_runs(monkeypatch):
+    """The loss that model.py constructs is the one the summary lists and training calls; the switch only
+    changes how it computes, never what. No class of ours overrides attribute setting."""
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    logits, target = torch.randn(16, 10), torch.randint(0, 10, (16,))
+    for setting in ("all", "none"):
         monkeypatch.setenv("MNIST_LIGHTNING_SPEEDUPS", setting)
         speedups.configure()
-        model = MNISTClassifier(label_smoothing=smoothing)
-        assert type(model.loss) is torch.nn.CrossEntropyLoss  # what the lesson reads
+        model = MNISTClassifier()
         model.setup("fit")
-        assert type(model.loss) is expected and not list(model.loss.buffers()), setting
-    monkeypatch.setenv("MNIST_LIGHTNING_SPEEDUPS", "all")
-    speedups.configure()
-    model = MNISTClassifier(label_smoothing=0.0)
-    model.setup("fit")
-    assert type(model.loss) is torch.nn.CrossEntropyLoss  # nothing to smooth: torch's plain loss is as fast
+        assert type(model.loss) is SmoothedCrossEntropy and not list(model.loss.buffers())
+        assert "SmoothedCrossEntropy" in str(ModelSummary(model))
+        expected = torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.1)
+        torch.testing.assert_close(model.loss(logits, target), expected)
+    assert "self.loss = SmoothedCrossEntropy(label_smoothing)" in Path(model_module.__file__).read_text()
+    speedups.configure("all")
+    ours = [c for c in MNISTClassifier.__mro__ if c.__module__.startswith("mnist_lightning")]
+    assert ours == [MNISTClassifier] and "__setattr__" not in vars(MNISTClassifier)
 
 
 def test_epoch_metrics_weigh_each_sample_and_keep_a_nan():

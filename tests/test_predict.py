@@ -17,8 +17,9 @@ from mnist_lightning.data import MNISTDataModule
 from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.files.checkpoints import load_checkpoint
 from mnist_lightning.files.idx import load_split
+from mnist_lightning.files.images import UnsupportedImage, preprocess, read_image
 from mnist_lightning.net import normalise
-from mnist_lightning.predict import UnsupportedImage, cli_main, preprocess, read_image
+from mnist_lightning.predict import cli_main
 
 
 def centre_of_mass(image: np.ndarray) -> tuple[float, float]:

@@ -18,8 +18,9 @@ from mnist_lightning import predict
 from mnist_lightning.errors import run_main
 from mnist_lightning.files.checkpoints import load_checkpoint
 from mnist_lightning.files.idx import load_split
+from mnist_lightning.files.images import read_image
 from mnist_lightning.net import normalise
-from mnist_lightning.serve.server import cli_main, listen, newest_best
+from mnist_lightning.serve.server import cli_main, listen
 from serving import Server
 from test_checkpoint import RunsACommand
 from test_predict import png_claiming
@@ -69,7 +70,7 @@ def expected(trained_ckpt):
     net, (mean, std), _ = load_checkpoint(trained_ckpt)
 
     def answer(data: bytes) -> tuple[np.ndarray, torch.Tensor]:
-        image = predict.read_image(data)
+        image = read_image(data)
         with torch.inference_mode():
             return image, net(normalise(torch.from_numpy(image[None]).unsqueeze(1), mean, std)).softmax(1)[0]
 
@@ -368,16 +369,14 @@ def test_bad_options_and_a_taken_port_are_refused(trained_ckpt, capsys):
         assert f"cannot listen on 127.0.0.1:{port}" in refusal(capsys, "--ckpt_path", str(trained_ckpt), "--port", port)
 
 
-def test_last_is_the_newest_finished_runs_best_checkpoint(tmp_path, monkeypatch, capsys):
+def test_best_and_last_name_the_newest_runs_checkpoints(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert "no finished run in lightning_logs/" in refusal(capsys, "--ckpt_path", "last")
-    for version, mtime in ((0, 2_000), (1, 3_000), (2, 1_000)):
-        metrics = tmp_path / f"lightning_logs/version_{version}/metrics.json"
-        metrics.parent.mkdir(parents=True)
-        metrics.write_text(json.dumps({"best_model_path": f"run{version}.ckpt"}))
-        os.utime(metrics, (mtime, mtime))
-    assert newest_best() == "run1.ckpt"  # the newest by time, not by version number
-    assert "run1.ckpt does not exist" in refusal(capsys, "--ckpt_path", "last")
+    assert "no run in ./ has a checkpoint" in refusal(capsys, "--ckpt_path", "best")
+    run = tmp_path / "lightning_logs/version_0/checkpoints"
+    run.mkdir(parents=True)
+    (run / "best-epoch2-val_acc0.9000.ckpt").write_bytes(b"junk")
+    assert "best-epoch2-val_acc0.9000.ckpt is truncated, corrupt" in refusal(capsys, "--ckpt_path", "best")
+    assert "version_0, has no last.ckpt" in refusal(capsys, "--ckpt_path", "last")
 
 
 def test_start_up_failure_is_one_line_and_exit_2_as_a_command(tmp_path):
@@ -387,16 +386,17 @@ def test_start_up_failure_is_one_line_and_exit_2_as_a_command(tmp_path):
 
 
 @pytest.mark.slow
-def test_last_serves_that_checkpoint(trained_ckpt, tmp_path):
+def test_best_serves_the_newest_finished_runs_best_checkpoint(trained_ckpt, tmp_path):
     run = tmp_path / "lightning_logs" / "version_0"
-    run.mkdir(parents=True)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"not used")
     (run / "metrics.json").write_text(json.dumps({"best_model_path": str(trained_ckpt)}))
-    last = Server("--ckpt_path", "last", cwd=tmp_path, log=tmp_path / "log")
+    best = Server("--ckpt_path", "best", cwd=tmp_path, log=tmp_path / "log")
     try:
-        assert last.first_line == f"serving {trained_ckpt} at http://127.0.0.1:{last.port}/"
-        assert last.post(encoded(bar(6)))[1]["digit"] == 6
+        assert best.first_line == f"serving {trained_ckpt} at http://127.0.0.1:{best.port}/"
+        assert best.post(encoded(bar(6)))[1]["digit"] == 6
     finally:
-        last.stop()
+        best.stop()
 
 
 @pytest.mark.slow

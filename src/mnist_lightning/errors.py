@@ -1,44 +1,12 @@
 """One clear line for mistakes a user can fix; the traceback only with --verbose."""
 
 import os
-import re
 import sys
-import traceback
 from collections.abc import Callable
 
 
 class UserError(Exception):
     """Bad input or environment, described with what to do about it."""
-
-
-def usage_error(err: Exception) -> UserError:
-    """A command-line parsing error as one line (jsonargparse's can span several), instead of the usage."""
-    message = " ".join(str(err).split())
-    # For an option that takes a class (--trainer.logger CSVLogger), jsonargparse tries every type the
-    # option allows and lists why each failed; only the class's own failure says anything.
-    found = re.search(r"Parser key \"([^\"]+)\":.*?Problem with given class_path '([^']+)': (.*?) - Expected", message)
-    if found:
-        key, path, problem = found.groups()
-        name = path.rsplit(".", 1)[-1]
-        if missing := re.fullmatch(r"the following arguments are required: (.+)", problem):
-            options = ", ".join(f"--{key}.{arg.strip()}" for arg in missing.group(1).split(","))
-            return UserError(f"--{key} {name} needs {options} (see --help)")
-        return UserError(f"--{key} {name}: {problem} (see --help)")
-    return UserError(f"{message} (see --help)")
-
-
-def checks_an_argument(err: Exception) -> bool:
-    """Whether Lightning raised it while checking the Trainer's arguments (a strategy or precision name, ...)."""
-    where = traceback.extract_tb(err.__traceback__)[-1].filename.replace("\\", "/")
-    return "lightning/pytorch/trainer/connectors/" in where or where.endswith("lightning/fabric/connector.py")
-
-
-def config_error(err: Exception) -> UserError:
-    """Lightning's verdict on an option, as one line, with a hint where it concerns the hardware."""
-    message = " ".join(str(err).split())  # Lightning's messages can span lines
-    if re.search(r"accelerator|strateg|backend|\b(devices?|gpus?|cuda|mps|tpus?)\b", message, re.IGNORECASE):
-        message += " (check --trainer.accelerator, --trainer.devices, --trainer.strategy)"
-    return UserError(message)
 
 
 class QuietPipe:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from jsonargparse import ArgumentError, ArgumentParser
 
-from mnist_lightning.errors import UserError, run_main, usage_error
+from mnist_lightning.cli import usage_error
+from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.files.checkpoints import load_checkpoint
 from mnist_lightning.files.idx import load_split, raw_dir
 from mnist_lightning.files.outputs import write_output

@@ -1,5 +1,7 @@
-"""Load a checkpoint written by fit without running any code from it, or say clearly why not."""
+"""Which checkpoint ``--ckpt_path`` names, and loading one written by fit without running any code from it,
+or saying clearly why not."""
 
+import json
 import math
 import warnings
 import zipfile
@@ -73,6 +75,44 @@ def _check_archive(path: Path) -> None:
         )
 
 
+def resolve_checkpoint(ckpt_path: str, root: Path = Path("."), logger=None) -> Path:
+    """What ``--ckpt_path`` means in every command: ``last`` is the newest run's last.ckpt, ``best`` its best
+    checkpoint, anything else a path. The runs are ``ROOT/lightning_logs/version_*`` (with ``logger`` False,
+    Lightning's ``ROOT/checkpoints``); the newest is the one whose checkpoints were written last."""
+    if ckpt_path not in ("last", "best"):
+        return Path(ckpt_path)
+    if logger in (None, True):  # the default logger: lightning_logs/version_N/checkpoints/
+        folders = list(root.glob("lightning_logs/version_*/checkpoints"))
+    elif logger is False:  # no logger: Lightning writes the checkpoints to ROOT/checkpoints/
+        folders = [root / "checkpoints"]
+    else:
+        raise UserError(
+            f"--ckpt_path {ckpt_path} finds the runs of the default logger only; pass the checkpoint's path"
+        )
+    written = [
+        (max(p.stat().st_mtime for p in ckpts), folder) for folder in folders if (ckpts := list(folder.glob("*.ckpt")))
+    ]
+    if not written:
+        raise UserError(f"--ckpt_path {ckpt_path}: no run in {root}/ has a checkpoint; pass a .ckpt path")
+    folder = max(written)[1]
+    if ckpt_path == "last":
+        if not (folder / "last.ckpt").is_file():
+            raise UserError(f"--ckpt_path last: the newest run, {folder.parent}, has no last.ckpt; pass a .ckpt path")
+        return folder / "last.ckpt"
+    try:  # a finished run names its best; before it ends, the best is the newest other checkpoint
+        best = Path(json.loads((folder.parent / "metrics.json").read_text())["best_model_path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        best = None
+    if best is None or not best.is_file():
+        others = [p for p in folder.glob("*.ckpt") if p.name != "last.ckpt" and not p.name.startswith("hpc_")]
+        if not others:
+            raise UserError(
+                f"--ckpt_path best: the newest run, {folder.parent}, has no best checkpoint yet; pass a path"
+            )
+        best = max(others, key=lambda p: p.stat().st_mtime)
+    return best
+
+
 def load_checkpoint(path: str | Path, like: nn.Module | None = None) -> tuple[MLP, tuple[float, float], dict]:
     """Return the network (eval mode, on the CPU), its (mean, std) and the settings it was trained with
     (``{"data": ..., "model": ...}``, the datamodule's and the module's hyperparameters).
@@ -103,8 +143,10 @@ def load_checkpoint(path: str | Path, like: nn.Module | None = None) -> tuple[ML
             f"checkpoint {path} normalises with mean {mean} and std {std}, which would turn every image into "
             "NaN or infinity; use another checkpoint"
         )
-    net = MLP(hparams["hidden1"], hparams["hidden2"])
-    expected = {f"net.{k}": v for k, v in (like or net).state_dict().items()}
+    if like is None:
+        with torch.device("meta"):  # shapes without memory: a hostile checkpoint may claim any hidden size
+            like = MLP(hparams["hidden1"], hparams["hidden2"])
+    expected = {f"net.{k}": v for k, v in like.state_dict().items()}
     weights = {k: v for k, v in state.items() if not k.startswith(NOT_THE_NETWORK)}
     missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     if missing or unexpected:
@@ -125,6 +167,7 @@ def load_checkpoint(path: str | Path, like: nn.Module | None = None) -> tuple[ML
     bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
     if bad:
         raise UserError(f"checkpoint {path} holds NaN or infinite weights in {', '.join(bad)}; use an earlier one")
+    net = MLP(hparams["hidden1"], hparams["hidden2"])  # no bigger than the weights already read
     net.load_state_dict({k.removeprefix("net."): v for k, v in weights.items()})
     # LightningCLI's bookkeeping (keys starting with _) is no hyperparameter.
     settings = {

@@ -2,6 +2,8 @@
 failure without ever deleting what this process did not write; checkpoints written atomically."""
 
 import atexit
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -11,8 +13,10 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mnist_lightning.errors import UserError
+from mnist_lightning.files.checkpoints import resolve_checkpoint
 from mnist_lightning.files.outputs import atomic_write, disk_error
 
 # What a run writes into its folder; a failed run's folder holding anything else is left alone.
@@ -20,24 +24,58 @@ LOCK = ".lock"  # held while a run writes to its folder
 RUN_FILES = ("config.yaml", "hparams.yaml", "metrics.json", "events.out.tfevents.*", "checkpoints/*.ckpt", LOCK)
 
 
-def find_last(root: Path, logger) -> Path:
-    """``--ckpt_path last``: the newest last.ckpt of the runs under ``--trainer.default_root_dir``."""
-    if logger in (None, True):  # the default logger: lightning_logs/version_N/checkpoints/
-        found = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    elif logger is False:  # no logger: Lightning writes the checkpoints to ROOT/checkpoints/
-        found = [p for p in [root / "checkpoints" / "last.ckpt"] if p.is_file()]
-    else:
-        raise UserError("--ckpt_path last finds the runs of the default logger only; pass the checkpoint's path")
-    if not found:
-        raise UserError(f"--ckpt_path last: no run in {root}/ has a checkpoints/last.ckpt to resume from")
-    run = found[-1].parents[1]
+def resume_last(root: Path, logger, word: str) -> Path:
+    """fit's ``--ckpt_path last``: the newest run's last.ckpt, unless that run has finished."""
+    if word == "best":
+        raise UserError(
+            "fit resumes a run from its last.ckpt (--ckpt_path last); to use the best checkpoint, pass "
+            "--ckpt_path best to evaluate, predict, export or serve"
+        )
+    last = resolve_checkpoint("last", root, logger)
+    run = last.parents[1]
     if (run / "metrics.json").exists():
         if scheduler(run) == "none":
-            advice = f"to train it further pass --ckpt_path {found[-1]} with a larger --trainer.max_epochs"
+            advice = f"to train it further pass --ckpt_path {last} with a larger --trainer.max_epochs"
         else:
             advice = "its one-cycle schedule cannot be extended: start a new run with a larger --trainer.max_epochs"
         raise UserError(f"--ckpt_path last: the newest run with a last.ckpt, {run}, has finished; {advice}")
-    return found[-1]
+    return last
+
+
+@contextlib.contextmanager
+def released_on_failure(claimed: Path | None):
+    """Delete the run folder this process made if what follows fails (it holds nothing worth keeping)."""
+    try:
+        yield
+    except BaseException:
+        if claimed:
+            release(claimed)
+        raise
+
+
+@contextlib.contextmanager
+def stopped_cleanly(trainer, claimed: Path | None):
+    """Around ``trainer.fit`` and ``trainer.test``: a failure before the first step releases the run folder
+    this process made; SIGTERM and a full disk end in one line that says how to resume."""
+    try:
+        yield
+    except BaseException as err:
+        if claimed and trainer.global_step == 0:  # it failed before training: nothing to keep
+            release(claimed)
+        if isinstance(err, SIGTERMException):  # a SystemExit with status 0: a requeue script would see success
+            raise UserError(
+                f"stopped by SIGTERM in epoch {trainer.current_epoch + 1} of {trainer.max_epochs}; the epochs "
+                "before it are in last.ckpt: resume with --ckpt_path last"
+            ) from None
+        cause = disk_error(err)
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            # TensorBoard's events are written by a thread, and name no file: name the run instead.
+            where = cause.filename or (trainer.logger.log_dir if trainer.logger else trainer.default_root_dir)
+            raise UserError(
+                f"the disk is full ({cause.strerror}) writing {where}; the run stopped, and its checkpoints and "
+                "logs so far are kept. Free some space, then resume with --ckpt_path last"
+            ) from None
+        raise
 
 
 def saved_config(ckpt_path: str) -> Path | None:

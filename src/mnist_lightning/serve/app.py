@@ -28,8 +28,8 @@ from starlette.exceptions import HTTPException
 
 from mnist_lightning.errors import UserError
 from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.images import UnsupportedImage, read_image
 from mnist_lightning.net import normalise
-from mnist_lightning.predict import UnsupportedImage, read_image
 
 SETTINGS_VARIABLE = "MNIST_SERVE_SETTINGS"  # how the processes of --workers N learn what to serve
 # Smaller bodies are decoded on the event loop: for a 28x28 PNG the hop to a thread costs more than the work.

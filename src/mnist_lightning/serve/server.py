@@ -9,26 +9,11 @@ import argparse
 import json
 import os
 import socket
-from pathlib import Path
 
 from mnist_lightning.errors import UserError, run_main
-from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.checkpoints import load_checkpoint, resolve_checkpoint
 
 KEY_VARIABLE = "MNIST_API_KEY"
-
-
-def newest_best(root: Path = Path("lightning_logs")) -> str:
-    """``--ckpt_path last``: the best checkpoint of the run whose metrics.json is newest."""
-    runs = sorted(root.glob("version_*/metrics.json"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise UserError(f"--ckpt_path last: no finished run in {root}/ (no version_*/metrics.json); pass a .ckpt path")
-    try:
-        best = json.loads(runs[-1].read_text()).get("best_model_path")
-    except (OSError, ValueError, AttributeError) as err:
-        raise UserError(f"--ckpt_path last: cannot read {runs[-1]} ({err}); pass a .ckpt path") from None
-    if not best:
-        raise UserError(f"--ckpt_path last: {runs[-1]} names no best checkpoint; pass a .ckpt path")
-    return best
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -86,7 +71,7 @@ def cli_main(args: list[str] | None = None) -> None:
         if err.name not in ("fastapi", "starlette", "uvicorn", "python_multipart"):
             raise
         raise UserError(f"serving needs {err.name}, not installed: pip install 'mnist-lightning[serve]'") from None
-    ckpt_path = newest_best() if config.ckpt_path == "last" else config.ckpt_path
+    ckpt_path = str(resolve_checkpoint(config.ckpt_path))
     net, (mean, std), _ = load_checkpoint(ckpt_path)
     sock = listen(config.host, config.port)
     host, port = sock.getsockname()[:2]
@@ -123,4 +108,3 @@ def cli_main(args: list[str] | None = None) -> None:
 
 def main() -> None:
     run_main(cli_main)
-

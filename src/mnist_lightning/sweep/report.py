@@ -7,7 +7,7 @@ import yaml
 from optuna.trial import TrialState
 
 from mnist_lightning.files.outputs import atomic_write
-from mnist_lightning.training.callbacks import here
+from mnist_lightning.training.console import here
 
 
 def summary(study: optuna.Study, searched: list[str]) -> str:

@@ -26,7 +26,7 @@ from mnist_lightning import fit
 from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.sweep.report import best_yaml, summary, test_best
 from mnist_lightning.sweep.trials import optimize
-from mnist_lightning.training import speedups
+from mnist_lightning.training import console, speedups
 
 # The search space, by fit's option names. The network and the epochs stay as given, and an option
 # given on the command line is fixed: it is left out of the search.
@@ -194,11 +194,10 @@ def spawn(i: int, name: str, url: str, config, fit_args: list[str], folder: Path
 
 
 def main() -> None:
-    fit.quiet_lightning()
+    console.quiet_lightning()
     try:
         run_main(cli_main)
     except KeyboardInterrupt:
         raise SystemExit(130) from None  # the shell's status for Ctrl-C
     finally:
         speedups.exit_without_gc()
-

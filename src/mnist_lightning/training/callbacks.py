@@ -1,16 +1,15 @@
-"""What fit prints, and the callbacks every fit adds for its console and its processes: epochs counted from
-1 in every line, bar and file name, a line per epoch in logs, the closing lines, the process group torn
-down at exit."""
+"""The callbacks every fit adds for its console and its processes: epochs counted from 1 in every line, bar
+and file name, a line per epoch in logs, the process group torn down at exit."""
 
 import atexit
-import os
 import signal
 import time
-from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+from mnist_lightning.training.console import figure
 
 
 class EpochBar(TQDMProgressBar):
@@ -75,41 +74,6 @@ class EpochTimer(Callback):
             print(
                 f"epoch {trainer.current_epoch}/{trainer.max_epochs}  {metrics}  ({self.seconds[-1]:.1f}s)", flush=True
             )
-
-
-def here(path) -> str:
-    """A path as the user would type it: relative to the current folder if it is inside it."""
-    relative = os.path.relpath(path)
-    return str(path) if relative.startswith("..") else relative
-
-
-def closing_lines(result: dict, run: Path | None, smoothing: float, tensorboard: bool) -> str:
-    """What a user needs at the end: the test figures, where the run is, and what to run next."""
-    if "test/acc" in result:
-        lines = [f"test/acc {result['test/acc']:.4f}  test/loss {result['test/loss']:.4f}"]
-        if smoothing:
-            # The loss against smoothed targets cannot reach 0: a perfect model scores their entropy.
-            p = torch.tensor([1 - smoothing + smoothing / 10] + [smoothing / 10] * 9)
-            lines[0] += (
-                f" (with label smoothing {smoothing:g}; a perfect model scores {float(-(p * p.log()).sum()):.3f})"
-            )
-    else:
-        lines = ["no test batches (--trainer.limit_test_batches 0): the run was not tested"]
-    ckpt = result["best_model_path"]
-    if run:
-        lines.append(f"run         {here(run)}")
-    if run and tensorboard:
-        lines.append(f"TensorBoard tensorboard --logdir {here(run)}")
-    if ckpt:
-        lines += [
-            f"evaluate    python -m mnist_lightning.evaluate --ckpt_path {here(ckpt)}",
-            f"predict     python -m mnist_lightning.predict --ckpt_path {here(ckpt)} YOUR_IMAGES",
-        ]
-    return "\n".join(lines)
-
-
-def figure(x: float) -> str:
-    return f"{x:.4f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"  # a learning rate near its end
 
 
 def destroy_process_group() -> None:

@@ -1,48 +1,82 @@
-"""The command line of fit: LightningCLI, plus the checkpoint options, resuming and the run's Trainer."""
+"""Where fit's Trainer is built, and with what.
 
+LightningCLI reads fit's options from the signatures of the model, the data and ``L.Trainer``; this
+adds the best and last checkpoints, the run folder and its lock, the callbacks every fit has
+(epoch lines, checks, TensorBoard's report), the speedups, and resuming a run as it was configured.
+"""
+
+import re
 import sys
+import traceback
 from pathlib import Path
 
+from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from mnist_lightning.errors import UserError, checks_an_argument, config_error
+from mnist_lightning.cli import prog, safe_yaml, usage_error
+from mnist_lightning.errors import UserError
 from mnist_lightning.files import runs
+from mnist_lightning.files.checkpoints import load_checkpoint
 from mnist_lightning.training import speedups
-from mnist_lightning.training.callbacks import EpochBar, EpochCheckpoint
-from mnist_lightning.training.tensorboard import RunLogger
+from mnist_lightning.training.callbacks import EpochBar, EpochCheckpoint, EpochTimer, ProcessGroupTeardown
+from mnist_lightning.training.checks import RunChecks
+from mnist_lightning.training.tensorboard import RunLogger, RunReport
 
 
-def refuse_aliases(load):
-    """Wrap jsonargparse's YAML loader so that a YAML alias is refused before anything is expanded: nested
-    aliases (a "billion laughs" file of a few hundred bytes) would grow the config until the process dies.
-    A config for this CLI never needs one."""
+def build(model_class: type, datamodule_class: type, args: list[str], callbacks: tuple[Callback, ...] = ()):
+    """Parse fit's command line into the model, the data and the Trainer, ready for ``trainer.fit``.
 
-    def load_without_aliases(stream, *args, **kwargs):
-        import yaml
-
-        if isinstance(stream, str) and "*" in stream:  # no alias without a *
-            for event in yaml.parse(stream, Loader=yaml.SafeLoader):  # events only: nothing is expanded
-                if isinstance(event, yaml.AliasEvent):
-                    raise yaml.YAMLError(
-                        f"YAML aliases (*{event.anchor}) are refused in configs; write the values out instead"
-                    )
-        return load(stream, *args, **kwargs)
-
-    load_without_aliases.refuses_aliases = True
-    return load_without_aliases
+    ``callbacks`` join every fit's own: the seam tests, benchmarks and the sweep use to watch a run.
+    """
+    speedups.configure()
+    speedups.skip_nvml_probe()
+    timer, checks = EpochTimer(), RunChecks()
+    ours = [timer, checks, RunReport(), ProcessGroupTeardown()]
+    try:
+        cli = MNISTCLI(
+            model_class,
+            datamodule_class,
+            args=args,
+            run=False,
+            seed_everything_default=42,
+            # The tutorial's five epochs. enable_progress_bar None: decided in instantiate_trainer.
+            trainer_defaults={"max_epochs": 5, "enable_progress_bar": None, "callbacks": [*ours, *callbacks]},
+            # Raise instead of printing the whole usage, so that a mistake reads as one line.
+            parser_kwargs={"exit_on_error": False, "prog": prog("fit")},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # the model's own configure_optimizers is the one
+        )
+    except ArgumentError as err:
+        raise usage_error(err) from None
+    except MisconfigurationException as err:  # from a callback's constructor: --checkpoint.mode, say
+        raise config_error(err) from err
+    cli.timer = timer
+    trainer, ckpt_path = cli.trainer, cli.config.ckpt_path
+    if trainer.logger:
+        # Fix the version folder here, or under ddp_spawn the fit's and the test's spawned
+        # processes would each pick a new one (a configured logger may not have one yet).
+        trainer.logger.version  # noqa: B018
+    with runs.released_on_failure(cli.claimed):
+        for callback in trainer.checkpoint_callbacks:
+            if callback.dirpath and trainer.is_global_zero:  # a folder of the user's; the run folder is checked
+                runs.ensure_writable(Path(callback.dirpath), "--checkpoint.dirpath")
+        if ckpt_path:
+            load_checkpoint(ckpt_path, like=cli.model.net)  # a corrupt, hostile or mismatched one: one line
+            checks.ckpt_path = ckpt_path
+            rank_zero_info(
+                f"Resuming from {ckpt_path}. Checkpoints are written at the end of each epoch, so training "
+                "restarts at the start of the epoch after it; work done after it is redone."
+            )
+    return cli
 
 
 class MNISTCLI(LightningCLI):
     def init_parser(self, **kwargs) -> LightningArgumentParser:
-        import yaml
-        from jsonargparse import get_loader, set_loader
-
-        if not getattr(get_loader("yaml"), "refuses_aliases", False):
-            set_loader("yaml", refuse_aliases(get_loader("yaml")), exceptions=(yaml.YAMLError,))
+        safe_yaml()
         return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -74,13 +108,26 @@ class MNISTCLI(LightningCLI):
         ckpt_path = self.config.ckpt_path
         if ckpt_path is not None and not ckpt_path.strip():
             raise UserError("--ckpt_path is empty: pass a checkpoint or 'last', or leave it out to start a new run")
-        if ckpt_path == "last":
+        if ckpt_path in ("last", "best"):
             root = Path(self.config.trainer.default_root_dir or ".")
-            ckpt_path = str(runs.find_last(root, self.config.trainer.logger))
+            ckpt_path = str(runs.resume_last(root, self.config.trainer.logger, ckpt_path))
         saved = runs.saved_config(ckpt_path) if ckpt_path else None
         if saved:  # a resume continues the run as it was configured, the options given on top
             super().parse_arguments(parser, ["--config", str(saved), *args, "--ckpt_path", ckpt_path])
         self.config.ckpt_path = ckpt_path
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except RuntimeError as err:  # torch's allocators raise RuntimeError (or its OutOfMemoryError)
+            if "allocate" not in str(err):
+                raise
+            hidden1, hidden2 = self.config.model.hidden1, self.config.model.hidden2
+            size = 4 * ((28 * 28 + 1) * hidden1 + (hidden1 + 1) * hidden2 + (hidden2 + 1) * 10)
+            raise UserError(
+                f"a 784-{hidden1}-{hidden2}-10 network needs {size / 2**30:.1f} GiB for its float32 weights alone, "
+                "more than can be allocated; pick smaller --model.hidden1 and --model.hidden2"
+            ) from None
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config, theirs = self.config.trainer, self.config_init.trainer.get("callbacks") or []
@@ -123,3 +170,17 @@ class MNISTCLI(LightningCLI):
             if isinstance(err, MisconfigurationException) or checks_an_argument(err):
                 raise config_error(err) from err
             raise
+
+
+def checks_an_argument(err: Exception) -> bool:
+    """Whether Lightning raised it while checking the Trainer's arguments (a strategy or precision name, ...)."""
+    where = traceback.extract_tb(err.__traceback__)[-1].filename.replace("\\", "/")
+    return "lightning/pytorch/trainer/connectors/" in where or where.endswith("lightning/fabric/connector.py")
+
+
+def config_error(err: Exception) -> UserError:
+    """Lightning's verdict on an option, as one line, with a hint where it concerns the hardware."""
+    message = " ".join(str(err).split())  # Lightning's messages can span lines
+    if re.search(r"accelerator|strateg|backend|\b(devices?|gpus?|cuda|mps|tpus?)\b", message, re.IGNORECASE):
+        message += " (check --trainer.accelerator, --trainer.devices, --trainer.strategy)"
+    return UserError(message)
