@@ -244,3 +244,10 @@ def test_a_data_dir_that_is_a_file_or_a_symlink_loop_names_the_option(tmp_path):
     (tmp_path / "b").symlink_to(tmp_path / "a")
     with pytest.raises(UserError, match=r"--data.data_dir .*a cannot be used: .*\(a symlink loop\); pass a folder"):
         MNISTDataModule(data_dir=str(tmp_path / "a"))
+
+
+def test_each_dataset_is_normalised_with_its_own_statistics_by_default():
+    assert (MNISTDataModule().hparams.mean, MNISTDataModule().hparams.std) == (0.1307, 0.3081)
+    fashion = MNISTDataModule(dataset="fashion_mnist")
+    assert (fashion.hparams.mean, fashion.hparams.std) == (0.2860, 0.3530)
+    assert MNISTDataModule(dataset="fashion_mnist", mean=0.5, std=0.5).hparams.mean == 0.5  # given ones win

@@ -44,7 +44,7 @@ def test_help_shows_the_defaults(capsys):
 
 def test_seed_config_overrides_default(capsys):
     with pytest.raises(SystemExit):
-        cli_main(["--config", str(Path(__file__).parents[1] / "configs" / "seed.yaml"), "--print_config"])
+        cli_main(["--config", str(Path(__file__).parents[1] / "configs" / "tutorial.yaml"), "--print_config"])
     out = capsys.readouterr().out
     assert "batch_size: 64" in out and "scheduler: none" in out and "mean: 0.5" in out
 

@@ -41,7 +41,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--data.batch_size", "0"], "batch_size must be positive, got 0"),
+        (["--data.batch_size", "0"], "batch_size must be positive (and under 2^63), got 0"),
         (["--model.lr", "-1"], "lr must be positive"),
         (["--data.val_size", "5000"], "val_size 5000 leaves no training data"),
         (["--data.dataset", "cifar"], "Expected a typing.Literal['mnist', 'fashion_mnist']. Got value: cifar"),
@@ -49,7 +49,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
         (["--trainer.accelerator", "gpu"], "check --trainer.accelerator"),
         (["--ckpt_path", "last", "--trainer.default_root_dir", "nowhere"], "no run in"),
         (["--ckpt_path", "last"], "has finished; its one-cycle schedule cannot be extended: start a new run"),
-        (["--data.eval_batch_size", "-5"], "eval_batch_size must be positive, got -5"),
+        (["--data.eval_batch_size", "-5"], "eval_batch_size must be positive (and under 2^63), got -5"),
         (
             ["--trainer.enable_progress_bar", "false", "--trainer.callbacks+=TQDMProgressBar"],
             "configured with `enable_progress_bar=False` but found `TQDMProgressBar` in callbacks list.",
@@ -67,6 +67,13 @@ def snapshot(folder: Path) -> dict[str, bytes]:
         (["--model.hidden1", str(10**9)], "a 784-1000000000-64-10 network needs 3162.8 GiB for its float32 weights"),
         (["--data.data_dir", "config.yaml"], "is a file, not a folder: pass the folder holding MNIST/raw/"),
         (["--config", "laughs.yaml"], "YAML aliases (*a) are refused in configs; write the values out instead"),
+        # Integers beyond what torch holds (int64), and a root folder through a symlink loop.
+        (["--data.split_seed", str(2**63)], f"split_seed must be 0 to 2^63 - 1, got {2**63}"),
+        (["--data.batch_size", str(2**70)], f"batch_size must be positive (and under 2^63), got {2**70}"),
+        (["--data.eval_batch_size", str(2**63)], "eval_batch_size must be positive (and under 2^63)"),
+        (["--data.val_size", str(2**64)], "val_size must be 0 to 2^63 - 1"),
+        (["--model.hidden2", str(2**70)], f"hidden sizes must be 1 to 2^31 - 1, got 128 and {2**70}"),
+        (["--trainer.default_root_dir", "loop/inside"], "loop/inside cannot be used: it goes through a symlink loop"),
     ],
 )
 def test_bad_config_is_one_line_and_touches_nothing(good_run, data_dir, capsys, args, message):
@@ -76,7 +83,11 @@ def test_bad_config_is_one_line_and_touches_nothing(good_run, data_dir, capsys, 
     laughs.write_text("\n".join(lines) + "\n")
     before = snapshot(good_run.parent)
     capsys.readouterr()
+    loop = good_run.parent.parent / "loop"
+    if not loop.is_symlink():
+        loop.symlink_to(loop)
     args = [str(good_run / a) if a == "config.yaml" else a for a in args]
+    args = [str(loop.parent / a) if a.startswith("loop/") else a for a in args]
     with pytest.raises(SystemExit) as exit_:
         run_main(cli_main, ["--data.data_dir", str(data_dir), *FAST, *args])
     err = capsys.readouterr().err.strip().splitlines()
@@ -179,10 +190,31 @@ def test_a_run_that_fails_before_training_removes_only_its_own_folder(tmp_path, 
     assert (tmp_path / "lightning_logs" / "version_0" / "notes.txt").read_text() == "mine"
 
 
-def test_float16_training_stops_with_advice_on_the_precision(data_dir, tmp_path, monkeypatch):
+# Every precision Lightning accepts on a CPU, with the model summary on (its example input must meet the
+# weights' dtype): each trains and tests, or is refused in one line before anything is written.
+TRAINS = ["32-true", "64-true", "bf16-true", "bf16-mixed", "16-mixed", "32", "64", "bf16", "16"]
+REFUSED = {
+    "16-true": "Adam does not train float16 weights (its eps, 1e-8, rounds to 0",
+    "transformer-engine": "transformer_engine",
+    "transformer-engine-float16": "transformer_engine",
+    "8-true": "Expected a typing.Literal[",
+}
+
+
+@pytest.mark.parametrize("precision", TRAINS + list(REFUSED))
+def test_every_precision_trains_or_is_one_line(data_dir, tmp_path, monkeypatch, capsys, precision):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r"train/loss is (nan|inf) .* use --trainer.precision 16-mixed$"):
-        cli_main(["--data.data_dir", str(data_dir), *FAST, "--trainer.precision", "16-true"])
+    args = ["--data.data_dir", str(data_dir), *FAST, "--trainer.enable_model_summary", "true"]
+    args += ["--trainer.max_epochs", "1", "--trainer.precision", precision]
+    if precision in TRAINS:
+        result = cli_main(args)
+        assert result["test/acc"] > 0.3 and result["global_step"] == 8, precision  # well above chance (0.1)
+        return
+    with pytest.raises(SystemExit) as exit_:
+        run_main(cli_main, args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err[-1].startswith("error: ") and REFUSED[precision] in err[-1], err
+    assert "Traceback" not in "\n".join(err) and not list(tmp_path.glob("lightning_logs/version_*"))
 
 
 def test_concurrent_claims_get_distinct_versions(tmp_path):

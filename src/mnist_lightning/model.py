@@ -44,8 +44,8 @@ class MNISTClassifier(L.LightningModule):
         compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default",
     ):
         super().__init__()
-        if min(hidden1, hidden2) <= 0:
-            raise UserError(f"hidden sizes must be positive, got {hidden1} and {hidden2}")
+        if not 0 < min(hidden1, hidden2) <= max(hidden1, hidden2) < 2**31:  # beyond: terabytes of weights
+            raise UserError(f"hidden sizes must be 1 to 2^31 - 1, got {hidden1} and {hidden2}")
         if lr <= 0 or weight_decay < 0:
             raise UserError(f"lr must be positive and weight_decay not negative, got {lr} and {weight_decay}")
         if not 0 < warmup < 1:

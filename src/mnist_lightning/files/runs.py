@@ -200,6 +200,16 @@ def write_metrics(run: Path, result: dict) -> None:
         raise UserError(f"could not write {run}/metrics.json ({err.strerror}); the checkpoints are kept") from None
 
 
+def resolved_folder(folder: Path, option: str) -> Path:
+    """The folder's absolute path; a symlink loop on the way is refused naming the option."""
+    try:
+        return folder.resolve()
+    except (RuntimeError, OSError) as err:  # pathlib raises RuntimeError for a loop
+        raise UserError(
+            f"{option} {folder} cannot be used: it goes through a symlink loop ({err}); pass a folder"
+        ) from None
+
+
 def ensure_writable(folder: Path, option: str) -> None:
     """Fail before training, not at the first checkpoint an epoch later."""
     try:

@@ -28,6 +28,12 @@ class RunChecks(Callback):
         # logged, so that a refused run leaves its folder as it was.
         if stage != "fit":
             return
+        if trainer.precision == "16-true":
+            # Adam's eps (1e-8) is 0 in float16, so a weight whose gradients are all 0 gets 0 / 0: NaN.
+            raise UserError(
+                "--trainer.precision 16-true: Adam does not train float16 weights (its eps, 1e-8, rounds to 0 and "
+                "the weights turn NaN within an epoch); use 16-mixed, or bf16-true"
+            )
         check_memory(trainer, pl_module)
         checkpoint = torch.load(self.ckpt_path, map_location="cpu", weights_only=True) if self.ckpt_path else {}
         if checkpoint:
@@ -50,9 +56,6 @@ class RunChecks(Callback):
         if torch.isfinite(loss):
             return
         advice = "Lower --model.lr or check the input data"
-        if trainer.precision == "16-true":
-            # Adam's eps (1e-8) is 0 in float16, so a weight whose gradients are all 0 gets 0 / 0.
-            advice = "Adam does not train in float16 (its eps, 1e-8, rounds to 0); use --trainer.precision 16-mixed"
         saved = [Path(c.last_model_path or c.best_model_path) for c in trainer.checkpoint_callbacks]
         saved = [p for p in saved if p.name and p.is_file()]
         kept = f"the last good checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint had been written yet"

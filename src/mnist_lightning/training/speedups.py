@@ -90,7 +90,7 @@ def trainer_kwargs(profiler) -> dict:
 
 def bar_refresh_rate() -> int:
     """Lightning's bar redraws after every step: on a terminal that was 0.3 ms of a 0.8 ms step at batch 64.
-    Every 20th step still looks live. Gain, on a terminal only: seed.yaml's step 1.04 -> 0.83 ms."""
+    Every 20th step still looks live. Gain, on a terminal only: tutorial.yaml's step 1.04 -> 0.83 ms."""
     return 20 if on("progress_bar") else 1
 
 

@@ -105,6 +105,8 @@ class MNISTCLI(LightningCLI):
         if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
             # numpy's bound, which Lightning would raise a traceback about
             raise UserError(f"--seed_everything {seed} is out of range: use 0 to {2**32 - 1}, or true for a random one")
+        if self.config.trainer.default_root_dir:  # before anything looks for runs in it
+            runs.resolved_folder(Path(self.config.trainer.default_root_dir), "--trainer.default_root_dir")
         ckpt_path = self.config.ckpt_path
         if ckpt_path is not None and not ckpt_path.strip():
             raise UserError("--ckpt_path is empty: pass a checkpoint or 'last', or leave it out to start a new run")
@@ -149,7 +151,8 @@ class MNISTCLI(LightningCLI):
         kwargs.update(speedups.trainer_kwargs(config.profiler), callbacks=theirs + ours, enable_progress_bar=show_bar)
         self.claimed = None
         if config.logger in (None, True):  # the default logger, not one the user configured
-            root = Path(config.default_root_dir or ".").resolve() / "lightning_logs"
+            root = runs.resolved_folder(Path(config.default_root_dir or "."), "--trainer.default_root_dir")
+            root = root / "lightning_logs"
             version, created = runs.version_for(root, self.config.ckpt_path)
             kwargs["logger"] = RunLogger(root.parent, version=version, default_hp_metric=False)
             self.claimed = root / f"version_{version}" if created else None
@@ -164,10 +167,11 @@ class MNISTCLI(LightningCLI):
             kwargs["plugins"] = [runs.AtomicCheckpointIO()]
         try:
             return super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, ValueError, TypeError) as err:
+        except (MisconfigurationException, ValueError, TypeError, ModuleNotFoundError) as err:
             if self.claimed:
                 runs.release(self.claimed)
-            if isinstance(err, MisconfigurationException) or checks_an_argument(err):
+            # A missing package is the requirement of an option chosen (--trainer.precision transformer-engine).
+            if isinstance(err, MisconfigurationException | ModuleNotFoundError) or checks_an_argument(err):
                 raise config_error(err) from err
             raise
 
