@@ -212,13 +212,13 @@ def test_fit_writes_events_checkpoints_metrics_and_resumes(data_dir, tmp_path):
         assert noise not in proc.stdout + proc.stderr, noise
 
     tags = scalars(version)
-    # TensorBoard files each curve under what it measures (report.tag), so that it opens on them.
-    for tag in ("loss/train_step", "loss/train", "acc/train", "loss/val", "acc/val", "acc/val_best", "test/acc", "lr"):
+    # TensorBoard's tags are the metric keys of the console and metrics.json: one spelling each.
+    for tag in ("train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc", "lr"):
         assert tag in tags, tag
     assert "epoch" not in tags  # Lightning's staircase
-    assert len(tags["acc/val"]) == 2 and len(tags["test/acc"]) == 1
-    assert tags["acc/val_best"] == [max(tags["acc/val"][: i + 1]) for i in range(2)]
-    assert tags["loss/train"][1] < tags["loss/train"][0]
+    assert len(tags["val/acc"]) == 2 and len(tags["test/acc"]) == 1
+    assert tags["val/acc_best"] == [max(tags["val/acc"][: i + 1]) for i in range(2)]
+    assert tags["train/loss"][1] < tags["train/loss"][0]
 
     for digit in range(10):
         assert f"test/acc_digit_{digit}" in tags
@@ -227,14 +227,14 @@ def test_fit_writes_events_checkpoints_metrics_and_resumes(data_dir, tmp_path):
     events.Reload()
     assert set(events.Tags()["images"]) == {"test/confusion_matrix", "test/mistakes"}
     hparams = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"])
-    assert [m.name.tag for m in hparams.experiment.metric_infos] == ["acc/val_best", "test/acc", "test/loss"]
+    assert [m.name.tag for m in hparams.experiment.metric_infos] == ["val/acc_best", "test/acc", "test/loss"]
     names = {h.name: h.differs for h in hparams.experiment.hparam_infos}
     assert {"model/lr", "data/batch_size", "trainer/max_epochs", "trainer/seed", "trainer/precision"} <= set(names)
     assert sorted(n for n, ticked in names.items() if ticked) == sorted(report.TICKED)
     (layout,) = events.Tensors("custom_scalars__config__")  # the Custom Scalars tab's charts
     (category,) = layout_pb2.Layout.FromString(layout.tensor_proto.string_val[0]).category
     charts = {chart.title: list(chart.multiline.tag) for chart in category.chart}
-    assert charts["loss, train and val"] == ["^loss/train$", "^loss/val$"] and "learning rate" in charts
+    assert charts["loss, train and val"] == ["^train/loss$", "^val/loss$"] and "learning rate" in charts
 
     checkpoints = sorted(p.name for p in (version / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(p.startswith("best-") for p in checkpoints)
@@ -379,3 +379,17 @@ def test_a_non_editable_install_trains_the_shipped_recipe(data_dir, tmp_path):
     fit("--data.data_dir", str(data_dir), *FAST)
     metrics = json.loads((run / "lightning_logs" / "version_0" / "metrics.json").read_text())
     assert metrics["config"]["model"]["scheduler"] == "onecycle" and metrics["test/acc"] > 0.9
+
+
+def test_help_names_the_command_and_heads_each_group_with_a_whole_sentence(capsys):
+    from mnist_lightning.data import MNISTDataModule
+    from mnist_lightning.model import MNISTClassifier
+    from mnist_lightning.training.callbacks import EpochCheckpoint
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith("usage: python -m mnist_lightning.fit ")
+    for cls in (MNISTClassifier, MNISTDataModule, EpochCheckpoint):
+        summary = cls.__doc__.strip().split("\n\n")[0]  # what jsonargparse heads the group with
+        assert "\n" not in summary and f"\n{summary.rstrip('.')}:\n" in out, cls

@@ -128,16 +128,16 @@ def test_the_misread_digits_are_captioned():
     assert torch.allclose(torch.as_tensor(grid[9:37, 31:59]), expected, atol=1e-6)
 
 
-def test_tensorboard_files_curves_under_what_they_measure():
-    from mnist_lightning.training.tensorboard import tag
+def test_tensorboard_tags_are_the_metric_keys_and_the_rate_is_always_lr(tmp_path):
+    """One spelling per metric: TensorBoard shows the keys the console and metrics.json show; the learning
+    rate is lr with a schedule or without one (LearningRateMonitor then calls it lr-AdamW)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    keys = ("train/loss", "val/acc", "train/loss_step", "val/acc_best", "test/acc", "lr", "lr-Adam")
-    assert [tag(k) for k in keys] == [
-        "loss/train",
-        "acc/val",
-        "loss/train_step",
-        "acc/val_best",
-        "test/acc",
-        "lr",
-        "lr",
-    ]
+    from mnist_lightning.training.tensorboard import RunLogger
+
+    logger = RunLogger(tmp_path, version=0)
+    logger.log_metrics({"train/loss": 1.0, "val/acc_best": 0.5, "lr-AdamW": 1e-3, "epoch": 0}, step=1)
+    logger.finalize("success")
+    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["lr", "train/loss", "val/acc_best"]

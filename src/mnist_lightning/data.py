@@ -66,7 +66,7 @@ class DeviceBatches(DistributedSampler):
 
 
 class MNISTDataModule(L.LightningDataModule):
-    """MNIST (or Fashion-MNIST) held in memory, normalised once, split into train/val with a fixed seed.
+    """Step 1, the data: MNIST (or Fashion-MNIST) held in memory, normalised once, split into train and val.
 
     Args:
         data_dir: folder holding ``MNIST/raw/`` (or ``FashionMNIST/raw/``); downloaded there if missing.

@@ -14,7 +14,7 @@ from mnist_lightning.training.speedups import SmoothedCrossEntropy
 
 
 class MNISTClassifier(L.LightningModule):
-    """The MLP, cross-entropy and Adam; the defaults are the project's recipe.
+    """Steps 3 to 5: the MLP, cross-entropy and Adam; the defaults are the project's recipe.
 
     Args:
         hidden1: width of the first hidden layer.

@@ -21,8 +21,11 @@ class EpochBar(TQDMProgressBar):
 
 
 class EpochCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose ``{epoch}`` in file names counts from 1: the best of a 5-epoch run's last epoch
-    is ``best-epoch5-...``. The checkpoint itself keeps Lightning's count, which resuming relies on."""
+    """The best checkpoint by val/acc, with epochs counted from 1 in its file name.
+
+    Lightning's ModelCheckpoint, whose ``{epoch}`` in file names counts from 1: the best of a 5-epoch run's
+    last epoch is ``best-epoch5-...``. The checkpoint itself keeps Lightning's count, which resuming relies on.
+    """
 
     def format_checkpoint_name(self, metrics: dict, filename=None, ver=None, prefix=None) -> str:
         if "epoch" in metrics:

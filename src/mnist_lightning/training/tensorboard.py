@@ -21,31 +21,15 @@ if TYPE_CHECKING:
 MISTAKES_SHOWN = 64  # misread test digits pictured
 # The HPARAMS columns ticked when TensorBoard opens (it ticks five); the others are a click away.
 TICKED = ("data/batch_size", "model/label_smoothing", "model/lr", "trainer/max_epochs", "trainer/seed")
-METRICS = ("val/acc_best", "test/acc", "test/loss")  # the HPARAMS metrics, by their metric keys
-
-
-def tag(key: str) -> str:
-    """The TensorBoard tag of a logged metric: a curve is filed under what it measures, then the stage.
-
-    TensorBoard groups cards by a tag's first part and opens the first two groups, alphabetically:
-    ``acc/`` and ``loss/`` put the train and val curves there, each beside the other; ``test/`` stays
-    one group of its own, after them.
-    """
-    if key.startswith("lr-"):  # LearningRateMonitor's name for an optimizer without a scheduler: lr-Adam
-        return "lr"
-    stage, _, metric = key.partition("/")
-    if stage not in ("train", "val") or not metric:
-        return key
-    measure, _, variant = metric.partition("_")  # loss_step -> loss/train_step, acc_best -> acc/val_best
-    return f"{measure}/{stage}" + (f"_{variant}" if variant else "")
+METRICS = ("val/acc_best", "test/acc", "test/loss")  # the HPARAMS metrics
 
 
 # TensorBoard's Custom Scalars tab: train and val on the same axes.
 LAYOUT = {
     "learning curves": {
-        "loss, train and val": ["Multiline", ["^loss/train$", "^loss/val$"]],
-        "accuracy, train and val": ["Multiline", ["^acc/train$", "^acc/val$", "^acc/val_best$"]],
-        "training loss per step": ["Multiline", ["^loss/train_step$"]],
+        "loss, train and val": ["Multiline", ["^train/loss$", "^val/loss$"]],
+        "accuracy, train and val": ["Multiline", ["^train/acc$", "^val/acc$", "^val/acc_best$"]],
+        "training loss per step": ["Multiline", ["^train/loss_step$"]],
         "learning rate": ["Multiline", ["^lr$"]],
     }
 }
@@ -72,8 +56,9 @@ class FirstWrite:
 
 
 class RunLogger(TensorBoardLogger):
-    """fit's default logger: TensorBoard, with the tags of ``tag()`` and without Lightning's ``epoch``
-    scalar, a staircase that says nothing the step axis does not.
+    """fit's default logger: TensorBoard, its tags the metric keys the console and metrics.json show, one
+    ``lr`` whatever the schedule, and without Lightning's ``epoch`` scalar, a staircase that says nothing
+    the step axis does not.
 
     Lightning asks for the writer before any callback's setup; its events file is made at the first
     write instead, so that a run refused in setup (checks.RunChecks) leaves its folder as it was.
@@ -90,7 +75,9 @@ class RunLogger(TensorBoardLogger):
         return TensorBoardLogger.experiment.fget(self)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        super().log_metrics({tag(k): v for k, v in metrics.items() if k != "epoch"}, step)
+        # LearningRateMonitor names the rate lr-AdamW when no scheduler names it; with one, lr.
+        renamed = {("lr" if k.startswith("lr-") else k): v for k, v in metrics.items() if k != "epoch"}
+        super().log_metrics(renamed, step)
 
 
 def log_hparams(writer: SummaryWriter, params: dict, metric_names: tuple[str, ...]) -> None:
@@ -187,9 +174,8 @@ class RunReport(Callback):
             if not k.startswith("_")  # LightningCLI's bookkeeping, not a hyperparameter
         }
         writer = trainer.logger.experiment
-        mapped = isinstance(trainer.logger, RunLogger)
-        writer.add_custom_scalars(LAYOUT if mapped else {})
-        log_hparams(writer, params, tuple(map(tag, METRICS)) if mapped else METRICS)
+        writer.add_custom_scalars(LAYOUT)
+        log_hparams(writer, params, METRICS)
 
     def on_test_start(self, trainer: Trainer, pl_module) -> None:
         # validate_args=False: the argument checks would sync with the device on every update.
