@@ -1,6 +1,7 @@
 import subprocess
 import sys
 import time
+from dataclasses import fields
 
 import optuna
 import pytest
@@ -13,6 +14,7 @@ from conftest import FAST, run_module
 from mnist_lightning import fit
 from mnist_lightning.errors import UserError
 from mnist_lightning.sweep import study as sweep
+from mnist_lightning.sweep.options import SPACE, Search, flat, parse
 
 # One epoch, batches of 32: a trial takes about a second, and its first epoch already learns the data.
 TINY = [*FAST, "--trainer.max_epochs", "1", "--data.batch_size", "32"]
@@ -41,7 +43,7 @@ def test_a_sweep_runs_its_trials_and_writes_a_best_yaml_that_fit_trains(data_dir
         run = folder / f"trial-{t.number}"
         assert (run / "metrics.json").is_file() and any((run / "checkpoints").glob("best-*.ckpt"))
         names, metrics = hparams(run)  # TensorBoard's HPARAMS: the searched values and the objective
-        assert {f"{k.replace('.', '/')}" for k in sweep.SPACE} <= names and "acc/val_best" in metrics
+        assert {f"{k.replace('.', '/')}" for k in SPACE} <= names and "acc/val_best" in metrics
     assert "| trial | state | val/acc_best |" in out and "tested once" in out
 
     best = yaml.safe_load((folder / "best.yaml").read_text())
@@ -55,6 +57,53 @@ def test_a_sweep_runs_its_trials_and_writes_a_best_yaml_that_fit_trains(data_dir
         sweep.cli_main([*args, "--study_name", "0"])
     resumed = sweep.cli_main([*args, "--resume", "--n_trials", "4"])  # the newest study, to 4 trials
     assert resumed.study_name == "0" and len(resumed.get_trials()) == 4
+
+
+def test_values_from_a_config_file_are_fixed(data_dir, tmp_path):
+    # The tutorial's recipe (configs/tutorial.yaml) and the search's own options, in one file.
+    recipe = {"model": {"lr": 1e-3, "scheduler": "none", "label_smoothing": 0.0}}
+    recipe["data"] = {"batch_size": 64, "mean": 0.5, "std": 0.5, "shift": 0}
+    config = tmp_path / "tutorial.yaml"
+    config.write_text(yaml.safe_dump({**recipe, "n_trials": 2, "pruner": "none"}))
+    args = ["--config", str(config), "--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "1"]
+    study = sweep.cli_main([*args, "--trainer.default_root_dir", str(tmp_path)])
+    assert len(study.trials) == 2
+    assert all(set(t.params) == {"model.weight_decay", "model.warmup"} for t in study.trials)
+    folder = tmp_path / "lightning_logs" / "sweep-0"
+    for t in study.trials:
+        ran = flat(yaml.safe_load((folder / f"trial-{t.number}" / "config.yaml").read_text()))
+        assert (
+            all(ran[k] == v for k, v in flat(recipe).items())
+            and ran["model.weight_decay"] == t.params["model.weight_decay"]
+        )
+    best = yaml.safe_load((folder / "best.yaml").read_text())
+    assert best["model"]["scheduler"] == "none" and best["data"]["batch_size"] == 64
+
+
+def test_help_print_config_and_config_hold_the_searchs_options_and_fits(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="0"):
+        sweep.cli_main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m mnist_lightning.sweep")
+    assert all(f"--{name} " in out for name in ("n_trials", "resume", "model.lr", "trainer.max_epochs"))
+    with pytest.raises(SystemExit):
+        sweep.cli_main(["--n_trials", "3", "--model.lr", "0.02", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        fit.cli_main(["--model.lr", "0.02", "--print_config"])
+    fits = yaml.safe_load(capsys.readouterr().out)
+    # fit's options, with fit's own defaults, and the search's beside them.
+    assert {k: printed[k] for k in fits} == fits and set(printed) - set(fits) == {f.name for f in fields(Search)}
+    # A config that gives every option, as --print_config writes it, leaves nothing to search.
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump(printed))
+    with pytest.raises(UserError, match="nothing to search: .*--print_config=skip_default"):
+        parse(["--config", str(tmp_path / "all.yaml")], "")
+    with pytest.raises(SystemExit):
+        sweep.cli_main(["--n_trials", "3", "--model.lr", "0.02", "--resume", "--print_config=skip_default"])
+    (tmp_path / "given.yaml").write_text(capsys.readouterr().out)
+    search, recipe, searched = parse(["--config", str(tmp_path / "given.yaml")], "")
+    assert search.n_trials == 3 and search.resume and recipe == {"model.lr": 0.02}
+    assert searched == [name for name in SPACE if name != "model.lr"]
 
 
 def test_a_trial_below_the_median_is_pruned_and_the_study_goes_on(data_dir, tmp_path, capsys):
@@ -83,6 +132,10 @@ def test_a_failed_trial_is_recorded_and_the_study_goes_on(data_dir, tmp_path, ca
 def test_mistakes_are_one_line_and_start_no_study(data_dir, tmp_path):
     with pytest.raises(UserError, match="unrecognized arguments: --model.nope"):
         sweep.cli_main(sweep_args(data_dir, tmp_path, "--n_trials", "2", "--model.nope", "1"))
+    with pytest.raises(UserError, match="the following arguments are required: n_trials"):
+        sweep.cli_main(sweep_args(data_dir, tmp_path))
+    with pytest.raises(UserError, match="--ckpt_path resumes one run"):
+        sweep.cli_main(sweep_args(data_dir, tmp_path, "--n_trials", "2", "--ckpt_path", "x.ckpt"))
     with pytest.raises(UserError, match="--n_trials and --n_jobs must be positive"):
         sweep.cli_main(sweep_args(data_dir, tmp_path, "--n_trials", "0"))
     with pytest.raises(UserError, match="--resume: no study under"):
@@ -92,6 +145,19 @@ def test_mistakes_are_one_line_and_start_no_study(data_dir, tmp_path):
                       cwd=tmp_path, check=False)  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.startswith("error: --storage nope://x: cannot open it")
     assert len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_n_jobs_starts_a_worker_that_runs_trials_of_the_same_study(data_dir, tmp_path, capsys):
+    study = sweep.cli_main(sweep_args(data_dir, tmp_path, "--n_trials", "3", "--n_jobs", "2", "--pruner", "none"))
+    log = (tmp_path / "lightning_logs" / "sweep-0" / "worker-1.log").read_text()
+    trials = [t for t in study.trials if "uncounted" not in t.user_attrs]
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+    # The worker joined the study with the same options (it may start after the trials are done), and left
+    # the report to this process.
+    out = capsys.readouterr().out
+    assert "exited with status" not in out and "| trial |" in out and "| trial |" not in log, log
+    assert all(set(t.params) == set(SPACE) - {"data.batch_size"} for t in trials)
 
 
 @pytest.mark.slow

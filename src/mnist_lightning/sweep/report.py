@@ -7,6 +7,7 @@ import yaml
 from optuna.trial import TrialState
 
 from mnist_lightning.files.outputs import atomic_write
+from mnist_lightning.sweep.options import SPACE, nested
 from mnist_lightning.training.console import here
 
 
@@ -38,31 +39,26 @@ def params_text(params: dict) -> str:
     return ", ".join(f"{name} {value:.4g}" for name, value in params.items())
 
 
-def flat(config: dict, prefix: str = "") -> dict:
-    items = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            items.update(flat(value, f"{prefix}{key}."))
-        else:
-            items[f"{prefix}{key}"] = value
-    return items
-
-
-def best_yaml(study: optuna.Study, path: Path, recipe: dict, defaults: dict) -> Path:
-    """Write the best trial's recipe as overrides of fit's defaults: the options the sweep was given
-    (``recipe``, fit's config for them) and the best trial's searched values. Returns the path."""
-    best, default = study.best_trial, flat(defaults)
-    given = {k: v for k, v in flat(recipe).items() if default.get(k) != v}
-    config: dict = {}
-    for key, value in {**given, **best.params}.items():
-        *groups, name = key.split(".")
-        node = config
-        for group in groups:
-            node = node.setdefault(group, {})
-        node[name] = value
+def best_yaml(study: optuna.Study, path: Path, recipe: dict) -> Path:
+    """Write the best trial's recipe: the options the sweep was given (``recipe``, fit's options as
+    overrides of its defaults, by dotted name) and the best trial's searched values. Returns the path."""
+    best = study.best_trial
     text = f"# Trial {best.number}, the best of sweep {study.study_name}: val/acc_best {best.value:.4f}.\n"
-    atomic_write(path, lambda file: file.write((text + yaml.safe_dump(config, sort_keys=False)).encode()))
+    config = yaml.safe_dump(nested({**recipe, **best.params}), sort_keys=False)
+    atomic_write(path, lambda file: file.write((text + config).encode()))
     return path
+
+
+def report(study: optuna.Study, folder: Path, recipe: dict) -> None:
+    """Print the table, write best.yaml and test the best trial, once the search is done."""
+    print(summary(study, list(SPACE)))
+    if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        path = best_yaml(study, folder / "best.yaml", recipe)
+        print(f"best.yaml   python -m mnist_lightning.fit --config {path}")
+        print(test_best(study))
+    else:
+        print("no trial completed: no best.yaml")
+    print(f"TensorBoard tensorboard --logdir {folder}")
 
 
 def test_best(study: optuna.Study) -> str:

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import optuna
 import torch
+import yaml
 from optuna.trial import Trial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from mnist_lightning import fit
 from mnist_lightning.errors import UserError
+from mnist_lightning.sweep.options import nested
 
 OBJECTIVE, PRUNED_ON = "val/acc_best", "val/acc"
 
@@ -42,34 +44,34 @@ def counted(study: optuna.Study, up_to: int | None = None) -> int:
     return sum(1 for t in trials if "uncounted" not in t.user_attrs and (up_to is None or t.number <= up_to))
 
 
-def optimize(study: optuna.Study, config, fit_args: list[str], folder: Path, space: dict) -> None:
-    """Run trials of the study, one after another, until it holds ``config.n_trials`` (or the timeout)."""
-    if config.n_jobs > 1:  # this process's share of the cores; the workers get theirs through the environment
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.n_jobs))
+def optimize(study: optuna.Study, options, recipe: dict, space: dict, folder: Path) -> None:
+    """Run trials of the study, one after another, until it holds ``options.n_trials`` (or the timeout)."""
+    if options.n_jobs > 1:  # this process's share of the cores; the workers get theirs through the environment
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.n_jobs))
     start = time.monotonic()
-    while counted(study) < config.n_trials:
-        if config.timeout and time.monotonic() - start > config.timeout:
-            print(f"--timeout {config.timeout:g} s reached: no new trial in this process")
+    while counted(study) < options.n_trials:
+        if options.timeout and time.monotonic() - start > options.timeout:
+            print(f"--timeout {options.timeout:g} s reached: no new trial in this process")
             return
         trial = study.ask()
-        if counted(study, up_to=trial.number) > config.n_trials:  # another process asked at the same moment
+        if counted(study, up_to=trial.number) > options.n_trials:  # another process asked at the same moment
             trial.set_user_attr("uncounted", "one too many: the study had its trials")
             study.tell(trial, state=TrialState.FAIL)
             return
-        run_trial(study, trial, fit_args, folder, space, config.pruner == "median")
+        run_trial(study, trial, recipe, space, folder, options.pruner == "median")
 
 
-def run_trial(study: optuna.Study, trial: Trial, fit_args: list[str], folder: Path, space: dict, prune: bool) -> None:
-    """One fit with the trial's values of ``space``, told to the study as complete, pruned or failed."""
-    given = {a[2:].split("=")[0] for a in fit_args if a.startswith("--")}
-    params = {name: suggest(trial, name) for name, suggest in space.items() if name not in given}
+def run_trial(study: optuna.Study, trial: Trial, recipe: dict, space: dict, folder: Path, prune: bool) -> None:
+    """One fit of ``recipe`` (fit's options by dotted name) with the trial's values of ``space``, told to the
+    study as complete, pruned or failed."""
+    params = {name: suggest(trial, name) for name, suggest in space.items()}
+    own = nested({**recipe, **params})
     run = folder / f"trial-{trial.number}"
     trial.set_user_attr("run", str(run.resolve()))
     where = {"save_dir": str(folder.resolve()), "name": "", "version": run.name, "default_hp_metric": False}
     logger = {"class_path": "mnist_lightning.training.tensorboard.RunLogger", "init_args": where}
     # Not tested: the test set is looked at once, for the best trial, after the search.
-    args = ["--trainer.limit_test_batches", "0", *fit_args]
-    args += [f"--{k}={v}" for k, v in params.items()] + [f"--trainer.logger={json.dumps(logger)}"]
+    args = ["--config", yaml.safe_dump(own), "--trainer.limit_test_batches=0", f"--trainer.logger={json.dumps(logger)}"]
     print(f"trial {trial.number}: " + ", ".join(f"{k} {v:.4g}" for k, v in params.items()), flush=True)
     started = time.perf_counter()
     try:
