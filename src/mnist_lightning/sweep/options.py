@@ -2,7 +2,8 @@
 
 Fit's options are parsed as fit parses them, so ``--help`` shows both, a ``--config`` file may hold both
 and ``--print_config`` prints both. A value given for one of fit's options, on the command line or in a
-``--config`` file, is fixed: every trial runs with it, and it is left out of the search.
+``--config`` file, is fixed: every trial runs with it, and it is left out of the search. So is a dimension
+that changes nothing given the fixed values: the warm-up, without the one-cycle schedule.
 """
 
 import random
@@ -27,6 +28,9 @@ SPACE = {
     "model.warmup": lambda trial, name: trial.suggest_float(name, 0.05, 0.5),
     "data.shift": lambda trial, name: trial.suggest_int(name, 0, 3),  # pixels, each way
 }
+# When a dimension has an effect, given fit's resolved options; the others always have one (weight decay
+# and label smoothing too: AdamW decays with or without a schedule).
+MATTERS = {"model.warmup": lambda config: config["model.scheduler"] == "onecycle"}
 EPILOG = (
     f"Searched: {', '.join(SPACE)} (sweep.options.SPACE). Each of fit's options given, here or in a --config "
     "file, goes to every trial's fit as it is and is left out of the search. --print_config=skip_default "
@@ -120,11 +124,11 @@ def parse(args: list[str], description: str) -> tuple[Search, dict, list[str]]:
     search = Search(**{f.name: cli.config[f.name] for f in fields(Search)})
     config, defaults = (fit_options(cli.parser, c) for c in (cli.config, cli.parser.get_defaults()))
     recipe = {key: value for key, value in config.items() if key not in defaults or defaults[key] != value}
-    searched = [name for name in SPACE if name not in cli.given]
+    searched = [name for name in SPACE if name not in cli.given and (name not in MATTERS or MATTERS[name](config))]
     if not searched:
         raise UserError(
-            f"nothing to search: {', '.join(SPACE)} are each given (a --config file's values count); leave "
-            "some out (--print_config=skip_default writes only the options given)"
+            f"nothing to search: {', '.join(SPACE)} are each given (a --config file's values count) or of no "
+            "effect; leave some out (--print_config=skip_default writes only the options given)"
         )
     return search, recipe, searched
 
