@@ -77,7 +77,28 @@ def test_values_from_a_config_file_are_fixed_and_warmup_is_searched_only_with_it
             and ran["model.weight_decay"] == t.params["model.weight_decay"]
         )
     best = yaml.safe_load((folder / "best.yaml").read_text())
-    assert best["model"]["scheduler"] == "none" and best["data"]["batch_size"] == 64 and "warmup" not in best["model"]
+    assert best == study.best_trial.user_attrs["recipe"] and "warmup" not in best["model"]
+    assert best["model"]["scheduler"] == "none" and best["data"]["batch_size"] == 64
+
+
+def test_best_yaml_is_the_best_trials_own_recipe_after_a_resume_with_other_options(data_dir, tmp_path, capsys):
+    args = sweep_args(data_dir, tmp_path, "--pruner", "none", "--study_name", "r")
+    sweep.cli_main([*args, "--n_trials", "1", "--model.weight_decay", "0.01"])
+    # Resumed with a rate that cannot learn and no schedule: trial 1 is the worse, and its options not trial 0's.
+    study = sweep.cli_main([*args, "--resume", "--n_trials", "2", "--model.lr", "1e-7", "--model.scheduler", "none"])
+    assert study.best_trial.number == 0 and not {"model.lr", "model.warmup"} & set(study.trials[1].params)
+    folder = tmp_path / "lightning_logs" / "sweep-r"
+    best = flat(yaml.safe_load((folder / "best.yaml").read_text()))
+    assert best["model.lr"] == study.trials[0].params["model.lr"] and best["model.weight_decay"] == 0.01
+    assert best["model.warmup"] == study.trials[0].params["model.warmup"] and "model.scheduler" not in best
+    # fit resolves best.yaml to trial 0's own config, but for the sweep's logger and untested trials.
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        fit.cli_main(["--config", str(folder / "best.yaml"), "--print_config"])
+    plumbing = {"trainer.logger", "trainer.limit_test_batches"}
+    again = {k: v for k, v in flat(yaml.safe_load(capsys.readouterr().out)).items() if k not in plumbing}
+    ran = flat(yaml.safe_load((folder / "trial-0" / "config.yaml").read_text()))
+    assert again == {k: v for k, v in ran.items() if k not in plumbing}
 
 
 def test_help_print_config_and_config_hold_the_searchs_options_and_fits(tmp_path, capsys):

@@ -7,7 +7,7 @@ import yaml
 from optuna.trial import TrialState
 
 from mnist_lightning.files.outputs import atomic_write
-from mnist_lightning.sweep.options import SPACE, nested
+from mnist_lightning.sweep.options import SPACE
 from mnist_lightning.training.console import here
 
 
@@ -39,25 +39,28 @@ def params_text(params: dict) -> str:
     return ", ".join(f"{name} {value:.4g}" for name, value in params.items())
 
 
-def best_yaml(study: optuna.Study, path: Path, recipe: dict) -> Path:
-    """Write the best trial's recipe: the options the sweep was given (``recipe``, fit's options as
-    overrides of its defaults, by dotted name) and the best trial's searched values. Returns the path."""
+def best_yaml(study: optuna.Study, path: Path) -> Path | None:
+    """Write the best trial's own recipe, fit's options as overrides of its defaults, which
+    ``fit --config best.yaml`` trains again; None for a trial that recorded none (an older version's)."""
     best = study.best_trial
+    if "recipe" not in best.user_attrs:
+        return None
     text = f"# Trial {best.number}, the best of sweep {study.study_name}: val/acc_best {best.value:.4f}.\n"
-    config = yaml.safe_dump(nested({**recipe, **best.params}), sort_keys=False)
-    atomic_write(path, lambda file: file.write((text + config).encode()))
+    recipe = yaml.safe_dump(best.user_attrs["recipe"], sort_keys=False)
+    atomic_write(path, lambda file: file.write((text + recipe).encode()))
     return path
 
 
-def report(study: optuna.Study, folder: Path, recipe: dict) -> None:
+def report(study: optuna.Study, folder: Path) -> None:
     """Print the table, write best.yaml and test the best trial, once the search is done."""
     print(summary(study, list(SPACE)))
-    if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
-        path = best_yaml(study, folder / "best.yaml", recipe)
-        print(f"best.yaml   python -m mnist_lightning.fit --config {path}")
-        print(test_best(study))
-    else:
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         print("no trial completed: no best.yaml")
+    else:
+        path, number = best_yaml(study, folder / "best.yaml"), study.best_trial.number
+        print(f"best.yaml   python -m mnist_lightning.fit --config {path}" if path else f"best.yaml   none: "
+              f"trial {number} recorded no recipe (an older version ran it)")  # fmt: skip
+        print(test_best(study))
     print(f"TensorBoard tensorboard --logdir {folder}")
 
 

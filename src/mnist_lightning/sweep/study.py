@@ -58,7 +58,7 @@ def cli_main(args: list[str] | None = None):
             if process.wait():
                 print(f"worker {i} exited with status {process.returncode}: see {folder}/worker-{i}.log")
     if not worker:
-        report(study, folder, recipe)
+        report(study, folder)
     return study
 
 

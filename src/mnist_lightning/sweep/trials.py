@@ -65,7 +65,9 @@ def run_trial(study: optuna.Study, trial: Trial, recipe: dict, space: dict, fold
     """One fit of ``recipe`` (fit's options by dotted name) with the trial's values of ``space``, told to the
     study as complete, pruned or failed."""
     params = {name: suggest(trial, name) for name, suggest in space.items()}
+    # The trial's own recipe, which best.yaml copies: fit --config best.yaml trains this trial again.
     own = nested({**recipe, **params})
+    trial.set_user_attr("recipe", own)
     run = folder / f"trial-{trial.number}"
     trial.set_user_attr("run", str(run.resolve()))
     where = {"save_dir": str(folder.resolve()), "name": "", "version": run.name, "default_hp_metric": False}
