@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import time
@@ -166,6 +167,21 @@ def test_mistakes_are_one_line_and_start_no_study(data_dir, tmp_path):
                       cwd=tmp_path, check=False)  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.startswith("error: --storage nope://x: cannot open it")
     assert len(proc.stderr.splitlines()) == 1
+
+
+def test_without_optuna_the_sweep_says_what_to_install(tmp_path, monkeypatch, capsys):
+    # Optuna's import fails, as where the sweep extra is not installed.
+    code = "import sys; sys.modules['optuna'] = None; from mnist_lightning.sweep.study import main; main()"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-c", code, "--n_trials", "1"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and not (tmp_path / "lightning_logs").exists()
+    assert proc.stderr == "error: the sweep needs optuna, not installed: pip install 'mnist-lightning[sweep]'\n"
+    # --help needs none of it.
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(SystemExit, match="0"):
+        sweep.cli_main(["--help"])
+    assert "--n_trials" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ on the best trial, after the search. Every process started against the study's s
 or on other machines, runs trials of the same study.
 """
 
+import importlib
 import os
 import signal
 import subprocess
@@ -14,9 +15,6 @@ from pathlib import Path
 
 from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.sweep.options import SPACE, Search, parse
-from mnist_lightning.sweep.report import report
-from mnist_lightning.sweep.storage import open_study
-from mnist_lightning.sweep.trials import optimize
 from mnist_lightning.training import console, speedups
 
 # Set in the processes that --n_jobs starts: they run trials and leave the report to the first.
@@ -26,8 +24,12 @@ WORKER = "MNIST_LIGHTNING_SWEEP_WORKER"
 def cli_main(args: list[str] | None = None):
     """Parse the command line, run trials until the study holds --n_trials, then report; returns the study."""
     args = list(sys.argv[1:] if args is None else args)
-    # fit's one-line error for a mistake in its options, before any trial
+    # fit's one-line error for a mistake in its options, before any trial; --help works without Optuna.
     options, recipe, searched = parse(args, __doc__.split("\n\n", 1)[1])
+    require_optuna()
+    from mnist_lightning.sweep.report import report  # these import Optuna, now known to be installed
+    from mnist_lightning.sweep.storage import open_study
+    from mnist_lightning.sweep.trials import optimize
 
     root = Path(recipe.get("trainer.default_root_dir") or ".") / "lightning_logs"
     name = options.study_name or default_name(root, options.resume)
@@ -60,6 +62,15 @@ def cli_main(args: list[str] | None = None):
     if not worker:
         report(study, folder)
     return study
+
+
+def require_optuna() -> None:
+    for module in ("optuna", "optuna_integration"):
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            needed = err.name or module
+            raise UserError(f"the sweep needs {needed}, not installed: pip install 'mnist-lightning[sweep]'") from None
 
 
 def default_name(root: Path, resume: bool) -> str:
