@@ -7,6 +7,8 @@ import importlib
 import re
 import sys
 from collections.abc import Callable
+from types import UnionType
+from typing import Union, get_args, get_origin
 
 from mnist_lightning.errors import UserError, run_main
 
@@ -41,6 +43,15 @@ def usage_error(err: Exception) -> UserError:
             options = ", ".join(f"--{key}.{arg.strip()}" for arg in missing.group(1).split(","))
             return UserError(f"--{key} {name} needs {options} (see --help)")
         return UserError(f"--{key} {name}: {problem} (see --help)")
+    # An option that may be null (evaluate's --data.*, null: the checkpoint's) lists why each type failed;
+    # null's says nothing, so it reads as the same option without null does (fit's --data.dataset).
+    null = r"(Parser key \"[^\"]+\":) Does not validate.*? Errors: - (Expected an? .+?) - Expected a <class 'NoneType'>"
+    either = re.search(null + r".* Given value: (.*)", message)
+    if either:
+        message = "{} {}. Got value: {}".format(*either.groups())
+    # These commands once took --save-preprocessed and --normalised-input; every option is snake_case now.
+    if kebab := re.search(r"unrecognized arguments:.*?--(\w+(?:-\w+)+)", message):
+        return UserError(f"{message} (options are written with _: --{kebab.group(1).replace('-', '_')}; see --help)")
     return UserError(f"{message} (see --help)")
 
 
@@ -73,19 +84,57 @@ def safe_yaml() -> None:
         set_loader("yaml", refuse_aliases(get_loader("yaml")), exceptions=(yaml.YAMLError,))
 
 
+def list_item(hint) -> type | None:
+    """T for ``list[T]`` and ``list[T] | None``; None for any other type."""
+    for option in get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,):
+        if get_origin(option) is list:
+            return get_args(option)[0]
+    return None
+
+
+def shell_habits(parser) -> list[str]:
+    """Let the options read as argparse's did; returns the list options, whose single words become lists.
+
+    jsonargparse reads a list from one word, ``[a,b]``. A positional list here takes several words instead
+    (argparse's nargs="+"), each a file name as it is: ``predict a.png digits/``. A list option also takes
+    one plain word as a list of one: ``--cors_origins https://a.example``. A bool option alone means true
+    (``--normalised_input``), as a store_true flag did.
+    """
+    lists = []
+    for action in parser._actions:
+        hint = getattr(action, "_typehint", None)  # jsonargparse's typed actions check values against it
+        if hint is bool:
+            action.nargs, action.const = "?", True
+        elif (item := list_item(hint)) is not None and not action.option_strings:
+            action.nargs, action._typehint, action.metavar = "+", item, action.dest.upper()
+        elif item is not None:
+            action._typehint = hint | item
+            lists.append(action.dest)
+    return lists
+
+
 def command(function: Callable, args: list[str] | None, name: str):
     """Parse ``args`` into ``function``'s parameters and call it; returns what it returns.
 
-    A parameter without a default is positional; one with a default is ``--its_name``. The function's
-    docstring gives the description and each option's help. A mistake is one line (see --help).
+    A parameter without a default is positional; one with a default is ``--its_name``; a dataclass is a
+    group of options, ``--its_name.field``. The function's docstring gives the description and each
+    option's help. Every command gets ``--config FILE`` and ``--print_config``. A mistake is one line.
     """
-    from jsonargparse import ArgumentError, auto_cli
+    from jsonargparse import ArgumentError, auto_parser
 
     safe_yaml()
+    parser = auto_parser(function, prog=prog(name), exit_on_error=False)
+    lists = shell_habits(parser)
     try:
-        return auto_cli(function, args=args, prog=prog(name), exit_on_error=False)
+        config = parser.parse_args(args)
     except ArgumentError as err:
         raise usage_error(err) from None
+    for dest in lists:
+        if isinstance(config.get(dest), str):
+            config[dest] = [config[dest]]
+    options = parser.instantiate(config)  # dataclass groups become their dataclass
+    options.pop("config", None)
+    return function(**options)
 
 
 def main() -> None:
