@@ -1,26 +1,47 @@
-"""Where a checkpoint fails on the test set: ``python -m mnist_lightning.evaluate --ckpt_path PATH [--help]``.
+"""Where a checkpoint fails on the test set: ``python -m mnist_lightning.evaluate [--ckpt_path best] [--help]``.
 
 Prints accuracy and loss, per-class accuracy, precision and recall, and the confusion matrix, and writes
 them to JSON (by default ``<checkpoint>.eval.json`` beside the checkpoint). The ``--data.*`` options that
-concern the test set work as in fit; their defaults are those the checkpoint was trained with. Only torch
-is imported, not Lightning, and only the test files are read. ``--verbose`` shows an error's traceback.
+concern the test set work as in fit; those left out are the checkpoint's. Only torch is imported, not
+Lightning, and only the test files are read. ``--verbose`` shows an error's traceback.
 """
 
-import argparse
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from jsonargparse import ArgumentError, ArgumentParser
 
-from mnist_lightning.cli import usage_error
+from mnist_lightning.cli import command
 from mnist_lightning.errors import UserError, run_main
-from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.checkpoints import load_checkpoint, resolve_checkpoint
 from mnist_lightning.files.idx import load_split, raw_dir
 from mnist_lightning.files.outputs import write_output
 from mnist_lightning.net import MNIST_MEAN, MNIST_STD, normalise
+
+# For a checkpoint that lacks one of them: fit's defaults.
+FIT_DEFAULTS = {"data_dir": "data", "dataset": "mnist", "eval_batch_size": 1000, "mean": MNIST_MEAN, "std": MNIST_STD}
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """fit's --data.* options that concern the test set; the training batch would do nothing here.
+
+    Args:
+        data_dir: folder holding MNIST/raw/ (FashionMNIST/raw/ for fashion_mnist)
+        dataset: which data set's test split
+        eval_batch_size: images per model call
+        mean: pixel mean used for normalisation
+        std: pixel standard deviation used for normalisation
+    """
+
+    data_dir: str | None = None
+    dataset: Literal["mnist", "fashion_mnist"] | None = None
+    eval_batch_size: int | None = None
+    mean: float | None = None
+    std: float | None = None
 
 
 def evaluate(net, data: dict, label_smoothing: float = 0.0) -> dict:
@@ -101,44 +122,34 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cli_main(args: list[str] | None = None) -> dict:
-    """Parse the command line, evaluate, print and write the figures; returns what the JSON holds."""
-    # The checkpoint comes first: its data settings are the defaults of the --data.* options.
-    early = argparse.ArgumentParser(add_help=False)
-    early.add_argument("--ckpt_path")
-    ckpt_path = early.parse_known_args(args)[0].ckpt_path
-    parser = ArgumentParser(
-        prog="python -m mnist_lightning.evaluate", description=__doc__.splitlines()[0], exit_on_error=False
-    )
-    parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by mnist_lightning.fit")
-    parser.add_argument("--output", type=str | None, default=None, help="JSON file (default: beside the checkpoint)")
-    # fit's --data.* options that concern the test set; the training batch would do nothing here.
-    parser.add_argument("--data.data_dir", type=str, default="data", help="folder holding MNIST/raw/")
-    parser.add_argument("--data.dataset", type=Literal["mnist", "fashion_mnist"], default="mnist")
-    parser.add_argument("--data.eval_batch_size", type=int, default=1000, help="images per model call")
-    parser.add_argument("--data.mean", type=float, default=MNIST_MEAN, help="pixel mean used for normalisation")
-    parser.add_argument("--data.std", type=float, default=MNIST_STD, help="pixel standard deviation")
-    net, label_smoothing = None, 0.0
-    if ckpt_path:
-        net, _, saved = load_checkpoint(ckpt_path)
-        label_smoothing = saved["model"].get("label_smoothing", 0.0)
-        options = ("data_dir", "dataset", "eval_batch_size", "mean", "std")
-        parser.set_defaults({f"data.{k}": v for k, v in saved["data"].items() if k in options})
-    try:
-        config = parser.parse_args(args)
-    except ArgumentError as err:
-        raise usage_error(err) from None
-    data = config.data.as_dict()
-    if data["eval_batch_size"] <= 0:
-        raise UserError(f"eval_batch_size must be positive, got {data['eval_batch_size']}")
-    if not data["std"] > 0:
-        raise UserError(f"std must be positive, got {data['std']}")
-    result = {"checkpoint": config.ckpt_path, "data": data, **evaluate(net, data, label_smoothing)}
+def evaluate_checkpoint(ckpt_path: str = "best", data: DataOptions = DataOptions(), output: Path | None = None) -> dict:
+    """Where a checkpoint fails on the test set: accuracy, loss, per-class figures, the confusion matrix.
+
+    Args:
+        ckpt_path: best or last (the newest run's under ./lightning_logs), or a checkpoint written by fit
+        data: the test set; each option left out is the checkpoint's
+        output: JSON file to write the figures to (default: beside the checkpoint, CKPT.eval.json)
+    """
+    path = resolve_checkpoint(ckpt_path)
+    net, _, saved = load_checkpoint(path)
+    given = {k: v for k, v in asdict(data).items() if v is not None}
+    settings = {k: saved["data"].get(k, default) for k, default in FIT_DEFAULTS.items()} | given
+    if settings["eval_batch_size"] <= 0:
+        raise UserError(f"eval_batch_size must be positive, got {settings['eval_batch_size']}")
+    if not settings["std"] > 0:
+        raise UserError(f"std must be positive, got {settings['std']}")
+    label_smoothing = saved["model"].get("label_smoothing", 0.0)
+    result = {"checkpoint": str(path), "data": settings, **evaluate(net, settings, label_smoothing)}
     print(report(result))
-    output = Path(config.output or Path(config.ckpt_path).with_name(Path(config.ckpt_path).stem + ".eval.json"))
-    write_output(output, json.dumps(result, indent=2) + "\n", made_from=Path(config.ckpt_path))
+    output = output or path.with_name(path.stem + ".eval.json")
+    write_output(output, json.dumps(result, indent=2) + "\n", made_from=path)
     print(f"\nwrote {output}")
     return result
+
+
+def cli_main(args: list[str] | None = None) -> dict:
+    """Parse the command line, evaluate, print and write the figures; returns what the JSON holds."""
+    return command(evaluate_checkpoint, args, "evaluate")
 
 
 def main() -> None:
