@@ -198,7 +198,7 @@ def test_cli_predicts_every_good_image_and_names_each_bad_one(image_folder, trai
     out = tmp_path_factory.mktemp("out")
     args = ["--ckpt_path", str(trained_ckpt), str(folder), "--output", str(out / "p.json")]
     with pytest.raises(SystemExit) as exit_:
-        run_main(cli_main, [*args, "--save-preprocessed", str(out / "seen")])
+        run_main(cli_main, [*args, "--save_preprocessed", str(out / "seen")])
     assert exit_.value.code == 2
     captured = capsys.readouterr()
     note, *errors = captured.err.splitlines()

@@ -122,7 +122,7 @@ def user_files(tmp_path, data_dir) -> list:
 def test_same_answer_as_predict_for_the_same_files(server, trained_ckpt, data_dir, tmp_path):
     files = user_files(tmp_path, data_dir)
     saved_to = tmp_path / "seen"
-    rows = predict.cli_main(["--ckpt_path", str(trained_ckpt), *map(str, files), "--save-preprocessed", str(saved_to)])
+    rows = predict.cli_main(["--ckpt_path", str(trained_ckpt), *map(str, files), "--save_preprocessed", str(saved_to)])
     assert len(rows) == len(files)
     for i, (path, row) in enumerate(zip(files, rows, strict=True)):
         as_raw = server.post(path.read_bytes(), "application/octet-stream")

@@ -1,9 +1,8 @@
-"""Read digits in people's own images: ``python -m mnist_lightning.predict IMAGE_OR_DIR... [--ckpt_path PATH]``.
+"""Read digits in people's own images: ``python -m mnist_lightning.predict IMAGE_OR_DIR... [--ckpt_path best]``.
 
 Each image is prepared the way MNIST's digits were (files/images.py) and read by the checkpoint's network.
 """
 
-import argparse
 import csv
 import io
 import json
@@ -16,8 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mnist_lightning.cli import command
 from mnist_lightning.errors import UserError, run_main
-from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.checkpoints import load_checkpoint, resolve_checkpoint
 from mnist_lightning.files.images import read_image
 from mnist_lightning.files.outputs import write_output
 from mnist_lightning.net import normalise
@@ -55,30 +55,39 @@ def find_images(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def cli_main(args: list[str] | None = None) -> list[dict]:
-    """Predict every image, print one line each and return the predictions; failures end in a UserError."""
-    parser = argparse.ArgumentParser(prog="python -m mnist_lightning.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders (recursive)")
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by mnist_lightning.fit")
-    parser.add_argument("--output", type=Path, help="also write the predictions to this .json or .csv file")
-    parser.add_argument("--save-preprocessed", type=Path, metavar="DIR", help="write the 28x28 images seen here")
-    parser.add_argument("--batch_size", type=int, default=1024, help="images per model call")
-    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
-    config = parser.parse_args(args)
-    if config.output and config.output.suffix not in (".json", ".csv"):
-        raise UserError(f"--output {config.output} must end in .json or .csv")
-    if config.batch_size < 1:
-        raise UserError(f"--batch_size must be positive, got {config.batch_size}")
-    model, (mean, std), _ = load_checkpoint(config.ckpt_path)
-    if config.save_preprocessed:
+def predict(
+    inputs: list[str],
+    ckpt_path: str = "best",
+    output: Path | None = None,
+    save_preprocessed: Path | None = None,
+    batch_size: int = 1024,
+) -> list[dict]:
+    """Read digits in your own images: one line each, the digit, its probability and the top three.
+
+    Args:
+        inputs: image files and folders (searched recursively)
+        ckpt_path: best or last (the newest run's under ./lightning_logs), or a checkpoint written by fit
+        output: also write the predictions to this .json or .csv file
+        save_preprocessed: folder to write the 28x28 images the model saw to
+        batch_size: images per model call
+    """
+    if output and output.suffix not in (".json", ".csv"):
+        raise UserError(f"--output {output} must end in .json or .csv")
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be positive, got {batch_size}")
+    ckpt = resolve_checkpoint(ckpt_path)
+    if str(ckpt) != ckpt_path:  # said on stderr: stdout is the predictions' alone
+        print(f"note: --ckpt_path {ckpt_path} is {ckpt}", file=sys.stderr)
+    model, (mean, std), _ = load_checkpoint(ckpt)
+    if save_preprocessed:
         try:
-            config.save_preprocessed.mkdir(parents=True, exist_ok=True)
+            save_preprocessed.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UserError(f"cannot create {config.save_preprocessed} ({err.strerror}); pick another folder") from None
-    paths, predictions, failures = find_images(config.inputs), [], 0
-    for start in range(0, len(paths), config.batch_size):
+            raise UserError(f"cannot create {save_preprocessed} ({err.strerror}); pick another folder") from None
+    paths, predictions, failures = find_images(inputs), [], 0
+    for start in range(0, len(paths), batch_size):
         batch, images = [], []
-        for path in paths[start : start + config.batch_size]:
+        for path in paths[start : start + batch_size]:
             try:
                 images.append(read_image(path))
                 batch.append(path)
@@ -94,11 +103,11 @@ def cli_main(args: list[str] | None = None) -> list[dict]:
             top3 = list(zip(digits, probs, strict=True))
             row = {"path": str(path), "digit": digits[0], "probability": probs[0], "top3": top3}
             print(f"{path}  {digits[0]}  {probs[0]:.3f}  top3 " + " ".join(f"{d}:{p:.3f}" for d, p in top3))
-            if config.save_preprocessed:
-                Image.fromarray(image).save(config.save_preprocessed / f"{len(predictions):05d}_{path.stem}.png")
+            if save_preprocessed:
+                Image.fromarray(image).save(save_preprocessed / f"{len(predictions):05d}_{path.stem}.png")
             predictions.append(row)
-    if config.output:
-        write(config.output, predictions)
+    if output:
+        write(output, predictions)
     if failures:
         raise UserError(f"{failures} of {len(paths)} files could not be read (listed above); the rest were predicted")
     return predictions
@@ -116,6 +125,11 @@ def write(path: Path, predictions: list[dict]) -> None:
     # A file name that is not UTF-8 (Python holds its bytes as surrogates) is written as its own bytes,
     # as ls prints it, rather than crash the writer.
     write_output(path, text.getvalue().encode("utf-8", "surrogateescape"))
+
+
+def cli_main(args: list[str] | None = None) -> list[dict]:
+    """Predict every image, print one line each and return the predictions; failures end in a UserError."""
+    return command(predict, args, "predict")
 
 
 def main() -> None:
