@@ -51,7 +51,7 @@ def test_onnx_without_normalisation_takes_normalised_input(trained_ckpt, pixels_
             "onnx",
             "--output",
             str(tmp_path / "m.onnx"),
-            "--normalised-input",
+            "--normalised_input",
         ]
     )
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])

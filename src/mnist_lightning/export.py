@@ -1,25 +1,27 @@
-"""Ship a checkpoint: ``python -m mnist_lightning.export --ckpt_path PATH --format onnx|torchscript --output FILE``.
+"""Ship a checkpoint: ``python -m mnist_lightning.export [--ckpt_path best] [--format onnx|torchscript] [--help]``.
 
 The exported graph takes a float batch (N, 1, 28, 28) of raw 0-255 pixels and returns the ten logits;
-it normalises with the checkpoint's mean and std itself, unless ``--normalised-input`` leaves that out.
+it normalises with the checkpoint's mean and std itself, unless ``--normalised_input`` leaves that out.
 The export is loaded back and checked against PyTorch before it is written.
 """
 
-import argparse
 import io
 import math
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
+from mnist_lightning.cli import command
 from mnist_lightning.errors import UserError, run_main
-from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.checkpoints import load_checkpoint, resolve_checkpoint
 from mnist_lightning.files.outputs import write_output
 from mnist_lightning.net import normalise
 
 TOLERANCE = 1e-4  # on the logits; float32 kernels of different runtimes differ by ~1e-6
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 
 
 class RawPixels(nn.Module):
@@ -69,7 +71,7 @@ def run_torchscript(exported: bytes, x: torch.Tensor) -> torch.Tensor:
     return torch.jit.load(io.BytesIO(exported))(x)
 
 
-def export(ckpt_path: str, kind: str, normalised_input: bool = False) -> tuple[bytes, float]:
+def exported(ckpt_path: Path, kind: str, normalised_input: bool = False) -> tuple[bytes, float]:
     """The exported file's bytes and its max abs difference from PyTorch on a batch of 7 random images."""
     net, (mean, std), _ = load_checkpoint(ckpt_path)
     module = net if normalised_input else RawPixels(net, mean, std)
@@ -93,27 +95,37 @@ def export(ckpt_path: str, kind: str, normalised_input: bool = False) -> tuple[b
     return exported, (got - expected).abs().max().item()
 
 
-def cli_main(args: list[str] | None = None) -> float:
-    """Export, check and write; returns the max abs difference from PyTorch."""
-    parser = argparse.ArgumentParser(prog="python -m mnist_lightning.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by mnist_lightning.fit")
-    parser.add_argument("--format", required=True, choices=["onnx", "torchscript"])
-    parser.add_argument("--output", required=True, type=Path, help="file to write, e.g. model.onnx or model.pt")
-    parser.add_argument(
-        "--normalised-input", action="store_true", help="leave out the normalisation: inputs are normalised already"
-    )
-    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
-    config = parser.parse_args(args)
-    exported, difference = export(config.ckpt_path, config.format, config.normalised_input)
+def export(
+    ckpt_path: str = "best",
+    format: Literal["onnx", "torchscript"] = "onnx",
+    output: Path | None = None,
+    normalised_input: bool = False,
+) -> float:
+    """Write the network as ONNX or TorchScript, checked against PyTorch; returns the max abs difference.
+
+    Args:
+        ckpt_path: best or last (the newest run's under ./lightning_logs), or a checkpoint written by fit
+        format: onnx (needs the export extra) or torchscript
+        output: file to write (default: beside the checkpoint, CKPT.onnx or CKPT.pt)
+        normalised_input: leave out the normalisation: the inputs are normalised already
+    """
+    path = resolve_checkpoint(ckpt_path)
+    output = output or path.with_suffix(SUFFIXES[format])
+    data, difference = exported(path, format, normalised_input)
     if not math.isfinite(difference) or difference > TOLERANCE:
         raise UserError(
-            f"the {config.format} export differs from PyTorch by up to {difference:.2e} (tolerance {TOLERANCE:.0e}); "
+            f"the {format} export differs from PyTorch by up to {difference:.2e} (tolerance {TOLERANCE:.0e}); "
             "nothing was written"
         )
-    write_output(config.output, exported, made_from=Path(config.ckpt_path))
-    print(f"wrote {config.output} ({config.format}, {len(exported):,} bytes)")
+    write_output(output, data, made_from=path)
+    print(f"wrote {output} ({format}, {len(data):,} bytes) from {path}")
     print(f"max abs difference from PyTorch on a batch of 7: {difference:.2e} (tolerance {TOLERANCE:.0e})")
     return difference
+
+
+def cli_main(args: list[str] | None = None) -> float:
+    """Export, check and write; returns the max abs difference from PyTorch."""
+    return command(export, args, "export")
 
 
 def main() -> None:
