@@ -44,7 +44,7 @@ def test_a_sweep_runs_its_trials_and_writes_a_best_yaml_that_fit_trains(data_dir
         run = folder / f"trial-{t.number}"
         assert (run / "metrics.json").is_file() and any((run / "checkpoints").glob("best-*.ckpt"))
         names, metrics = hparams(run)  # TensorBoard's HPARAMS: the searched values and the objective
-        assert {f"{k.replace('.', '/')}" for k in SPACE} <= names and "acc/val_best" in metrics
+        assert {f"{k.replace('.', '/')}" for k in SPACE} <= names and "val/acc_best" in metrics
     assert "| trial | state | val/acc_best |" in out and "tested once" in out
 
     best = yaml.safe_load((folder / "best.yaml").read_text())

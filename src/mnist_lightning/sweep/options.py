@@ -17,7 +17,7 @@ from mnist_lightning.cli import prog, usage_error
 from mnist_lightning.data import MNISTDataModule
 from mnist_lightning.errors import UserError
 from mnist_lightning.model import MNISTClassifier
-from mnist_lightning.training.trainer import MNISTCLI
+from mnist_lightning.training.trainer import DEFAULTS, MNISTCLI
 
 # The search space, by fit's option names. The network and the epochs stay as given.
 SPACE = {
@@ -113,10 +113,7 @@ def parse(args: list[str], description: str) -> tuple[Search, dict, list[str]]:
             MNISTDataModule,
             args=args,
             run=False,
-            # fit's defaults, as training.trainer.build gives them
-            seed_everything_default=42,
-            trainer_defaults={"max_epochs": 5, "enable_progress_bar": None},
-            auto_configure_optimizers=False,
+            **DEFAULTS,  # fit's
             parser_kwargs={"exit_on_error": False, "prog": prog("sweep"), "description": description, "epilog": EPILOG},
         )
     except ArgumentError as err:

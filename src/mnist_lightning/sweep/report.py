@@ -1,5 +1,7 @@
 """What a sweep reports when done: the table of trials, best.yaml, and the best trial's test accuracy."""
 
+import contextlib
+import io
 from pathlib import Path
 
 import optuna
@@ -65,14 +67,14 @@ def report(study: optuna.Study, folder: Path) -> None:
 
 
 def test_best(study: optuna.Study) -> str:
-    """The best trial's test accuracy: the test set's one use in the search, after it."""
-    from mnist_lightning.evaluate import evaluate
-    from mnist_lightning.files.checkpoints import load_checkpoint
+    """The best trial's test accuracy, by the evaluate command: the test set's one use in the search, after it.
+    Its full report goes to best.eval.json beside the checkpoint."""
+    from mnist_lightning import evaluate
 
     best = study.best_trial
     ckpt = best.user_attrs.get("best_model_path")
     if not (ckpt and Path(ckpt).is_file()):
         return f"test        trial {best.number}'s checkpoint, {ckpt}, is not on this machine: evaluate it there"
-    net, _, saved = load_checkpoint(ckpt)
-    result = evaluate(net, saved["data"], saved["model"].get("label_smoothing", 0.0))
+    with contextlib.redirect_stdout(io.StringIO()):  # the per-class table is in the JSON; one line here
+        result = evaluate.cli_main(["--ckpt_path", ckpt])
     return f"test/acc    {result['accuracy']:.4f} (trial {best.number}, tested once, now: {here(ckpt)})"

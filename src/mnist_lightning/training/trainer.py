@@ -26,6 +26,14 @@ from mnist_lightning.training.callbacks import EpochBar, EpochCheckpoint, EpochT
 from mnist_lightning.training.checks import RunChecks
 from mnist_lightning.training.tensorboard import RunLogger, RunReport
 
+# fit's defaults beyond the signatures' (the sweep parses with them too). The tutorial's five epochs;
+# enable_progress_bar None: decided in instantiate_trainer; the model's own configure_optimizers is the one.
+DEFAULTS = {
+    "seed_everything_default": 42,
+    "trainer_defaults": {"max_epochs": 5, "enable_progress_bar": None},
+    "auto_configure_optimizers": False,
+}
+
 
 def build(model_class: type, datamodule_class: type, args: list[str], callbacks: tuple[Callback, ...] = ()):
     """Parse fit's command line into the model, the data and the Trainer, ready for ``trainer.fit``.
@@ -42,13 +50,10 @@ def build(model_class: type, datamodule_class: type, args: list[str], callbacks:
             datamodule_class,
             args=args,
             run=False,
-            seed_everything_default=42,
-            # The tutorial's five epochs. enable_progress_bar None: decided in instantiate_trainer.
-            trainer_defaults={"max_epochs": 5, "enable_progress_bar": None, "callbacks": [*ours, *callbacks]},
+            **{**DEFAULTS, "trainer_defaults": {**DEFAULTS["trainer_defaults"], "callbacks": [*ours, *callbacks]}},
             # Raise instead of printing the whole usage, so that a mistake reads as one line.
             parser_kwargs={"exit_on_error": False, "prog": prog("fit")},
             save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,  # the model's own configure_optimizers is the one
         )
     except ArgumentError as err:
         raise usage_error(err) from None
