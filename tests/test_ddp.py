@@ -11,7 +11,9 @@ import torch
 from lightning.pytorch import Callback
 
 from conftest import FAST, run_module
+from mnist_lightning.calibration import fit_temperature
 from mnist_lightning.data import MNISTDataModule
+from mnist_lightning.files.checkpoints import load_checkpoint
 from mnist_lightning.fit import cli_main
 from mnist_lightning.model import MNISTClassifier
 from mnist_lightning.training.callbacks import ProcessGroupTeardown
@@ -45,6 +47,13 @@ def check_run(root: Path, data_dir: Path, out: str) -> dict:
     correct, total = single_process_test_count(Path(metrics["best_model_path"]), data_dir)
     assert 0.2 < correct / total < 0.99  # half trained, so the comparison below means something
     assert round(metrics["test/acc"] * total) == correct
+    # The temperature was fitted on every validation image once, gathered from both ranks' shards.
+    net, _, settings = load_checkpoint(metrics["best_model_path"])
+    data = MNISTDataModule(data_dir=str(data_dir), val_size=100)
+    data.setup("fit")
+    with torch.inference_mode():
+        temperature = fit_temperature(net(data.val_set.images), data.val_set.labels)
+    assert settings["temperature"] == pytest.approx(temperature, rel=1e-4)
     return metrics
 
 

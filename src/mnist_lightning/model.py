@@ -90,7 +90,8 @@ class MNISTClassifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self._step(batch, self.val_metrics)
+        _, logits = self._step(batch, self.val_metrics)
+        return logits  # for the temperature (training/calibration.TemperatureScaling)
 
     def test_step(self, batch, batch_idx):
         _, logits = self._step(batch, self.test_metrics)

@@ -3,6 +3,7 @@ or saying clearly why not."""
 
 import json
 import math
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -113,9 +114,15 @@ def resolve_checkpoint(ckpt_path: str, root: Path = Path("."), logger=None) -> P
     return best
 
 
-def load_checkpoint(path: str | Path, like: nn.Module | None = None) -> tuple[MLP, tuple[float, float], dict]:
+def load_checkpoint(
+    path: str | Path, like: nn.Module | None = None, quiet: bool = False
+) -> tuple[MLP, tuple[float, float], dict]:
     """Return the network (eval mode, on the CPU), its (mean, std) and the settings it was trained with
-    (``{"data": ..., "model": ...}``, the datamodule's and the module's hyperparameters).
+    (``{"data": ..., "model": ..., "temperature": T}``, the datamodule's and the module's hyperparameters,
+    and the temperature fitted on the validation images: softmax(net(x) / T) are calibrated probabilities).
+
+    A checkpoint older than calibration has no temperature: T is 1, and unless ``quiet`` (fit, serve's
+    workers) a note on stderr says that its probabilities are uncalibrated.
 
     Only torch is needed, not Lightning, so the commands that use a checkpoint start fast. The network
     is built with the checkpoint's own hidden sizes; given ``like`` (fit, before resuming), its layer
@@ -138,6 +145,9 @@ def load_checkpoint(path: str | Path, like: nn.Module | None = None) -> tuple[ML
             f"hyperparameters or the data mean/std; {WHAT_TO_DO}"
         )
     mean, std = float(data["mean"]), float(data["std"])
+    temperature = checkpoint.get("temperature", 1.0)
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+        raise UserError(f"checkpoint {path} holds temperature {temperature!r}, not a positive number; {WHAT_TO_DO}")
     if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
         raise UserError(
             f"checkpoint {path} normalises with mean {mean} and std {std}, which would turn every image into "
@@ -173,4 +183,9 @@ def load_checkpoint(path: str | Path, like: nn.Module | None = None) -> tuple[ML
     settings = {
         group: {k: v for k, v in hp.items() if k[0] != "_"} for group, hp in (("data", data), ("model", hparams))
     }
+    settings["temperature"] = float(temperature)
+    if "temperature" not in checkpoint and not quiet:
+        print(
+            f"note: {path} has no temperature (older than calibration): probabilities are uncalibrated", file=sys.stderr
+        )
     return net.eval(), (mean, std), settings

@@ -2,7 +2,7 @@
 
 LightningCLI reads fit's options from the signatures of the model, the data and ``L.Trainer``; this
 adds the best and last checkpoints, the run folder and its lock, the callbacks every fit has
-(epoch lines, checks, TensorBoard's report), the speedups, and resuming a run as it was configured.
+(epoch lines, checks, the temperature, TensorBoard's report), the speedups, and resuming a run as it was configured.
 """
 
 import re
@@ -22,6 +22,7 @@ from mnist_lightning.errors import UserError
 from mnist_lightning.files import runs
 from mnist_lightning.files.checkpoints import load_checkpoint
 from mnist_lightning.training import speedups
+from mnist_lightning.training.calibration import TemperatureScaling
 from mnist_lightning.training.callbacks import EpochBar, EpochCheckpoint, EpochTimer, ProcessGroupTeardown
 from mnist_lightning.training.checks import RunChecks
 from mnist_lightning.training.tensorboard import RunLogger, RunReport
@@ -43,7 +44,7 @@ def build(model_class: type, datamodule_class: type, args: list[str], callbacks:
     speedups.configure()
     speedups.skip_nvml_probe()
     timer, checks = EpochTimer(), RunChecks()
-    ours = [timer, checks, RunReport(), ProcessGroupTeardown()]
+    ours = [timer, checks, TemperatureScaling(), RunReport(), ProcessGroupTeardown()]
     try:
         cli = MNISTCLI(
             model_class,
@@ -70,7 +71,7 @@ def build(model_class: type, datamodule_class: type, args: list[str], callbacks:
             if callback.dirpath and trainer.is_global_zero:  # a folder of the user's; the run folder is checked
                 runs.ensure_writable(Path(callback.dirpath), "--checkpoint.dirpath")
         if ckpt_path:
-            load_checkpoint(ckpt_path, like=cli.model.net)  # a corrupt, hostile or mismatched one: one line
+            load_checkpoint(ckpt_path, like=cli.model.net, quiet=True)  # a corrupt, hostile or mismatched one: one line
             checks.ckpt_path = ckpt_path
             rank_zero_info(
                 f"Resuming from {ckpt_path}. Checkpoints are written at the end of each epoch, so training "
