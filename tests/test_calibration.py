@@ -4,11 +4,14 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 from torchmetrics.classification import MulticlassCalibrationError
 
 from mnist_lightning.calibration import calibration_error, fit_temperature, nll, reliability
 from mnist_lightning.data import MNISTDataModule
 from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.idx import load_split
+from mnist_lightning.predict import cli_main as predict_main
 
 
 def random_logits(n: int = 3000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,3 +86,21 @@ def test_an_old_checkpoint_loads_with_temperature_1_and_a_note(trained_ckpt, tmp
     assert capsys.readouterr().err == note
     load_checkpoint(tmp_path / "old.ckpt", quiet=True)  # fit resuming, serve's workers: no note
     assert capsys.readouterr().err == ""
+
+
+def test_predict_with_an_old_checkpoint_says_so_once_and_reports_uncalibrated_probabilities(
+    trained_ckpt, data_dir, tmp_path, capsys
+):
+    checkpoint = torch.load(trained_ckpt, map_location="cpu", weights_only=True)
+    del checkpoint["temperature"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    images, _ = load_split(data_dir / "MNIST" / "raw", "test")
+    for i, image in enumerate(images[:5, 0].numpy()):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    predictions = predict_main(
+        ["--ckpt_path", str(tmp_path / "old.ckpt"), *(str(tmp_path / f"{i}.png") for i in range(5))]
+    )
+    assert capsys.readouterr().err.count("has no temperature (older than calibration)") == 1
+    # T = 1: the probabilities are the plain softmax of the logits predict reports beside them.
+    for p in predictions:
+        assert p["probability"] == pytest.approx(max(torch.tensor(p["logits"]).softmax(0).tolist()), abs=1e-6)

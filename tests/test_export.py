@@ -11,18 +11,21 @@ from mnist_lightning.files.idx import load_split
 
 @pytest.fixture(scope="module")
 def pixels_and_logits(data_dir, trained_ckpt):
-    """The synthetic test set as raw pixels, and what the PyTorch model makes of it."""
+    """The synthetic test set as raw pixels, and what the PyTorch model makes of it: the logits and the
+    calibrated probabilities, as predict and serve compute them."""
     images, _ = load_split(data_dir / "MNIST" / "raw", "test")
-    model, (mean, std), _ = load_checkpoint(trained_ckpt)
+    model, (mean, std), saved = load_checkpoint(trained_ckpt)
     with torch.inference_mode():
         logits = model(images.float().div(255).sub(mean).div(std))
-    return images.float(), logits, (mean, std)
+    assert saved["temperature"] != pytest.approx(1, abs=0.01)  # else the probabilities would prove nothing
+    return images.float(), (logits, (logits / saved["temperature"]).softmax(1)), (mean, std)
 
 
-def run_exported(kind: str, path, x: torch.Tensor) -> torch.Tensor:
+def run_exported(kind: str, path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if kind == "onnx":
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        assert [o.name for o in session.get_outputs()] == ["logits", "probabilities"]
+        return tuple(map(torch.from_numpy, session.run(None, {session.get_inputs()[0].name: x.numpy()})))
     return torch.jit.load(path)(x)
 
 
@@ -38,7 +41,8 @@ def test_export_takes_raw_pixels_and_matches_pytorch_at_any_batch_size(
     )
     for batch in (1, len(pixels)):  # the export traced a batch of 2: the batch dimension is dynamic
         got = run_exported(kind, tmp_path / "m", pixels[:batch])
-        assert (got - logits[:batch]).abs().max() < 1e-4
+        for exported, pytorch in zip(got, logits, strict=True):  # the logits, then the calibrated probabilities
+            assert (exported - pytorch[:batch]).abs().max() < 1e-4
 
 
 def test_onnx_without_normalisation_takes_normalised_input(trained_ckpt, pixels_and_logits, tmp_path):
@@ -56,8 +60,9 @@ def test_onnx_without_normalisation_takes_normalised_input(trained_ckpt, pixels_
     )
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == "normalised"
-    got = session.run(None, {"normalised": pixels.div(255).sub(mean).div(std).numpy()})[0]
-    assert np.abs(got - logits.numpy()).max() < 1e-4
+    got = session.run(None, {"normalised": pixels.div(255).sub(mean).div(std).numpy()})
+    for exported, pytorch in zip(got, logits, strict=True):
+        assert np.abs(exported - pytorch.numpy()).max() < 1e-4
 
 
 def test_unwritable_output_is_one_clear_error(trained_ckpt, tmp_path):

@@ -229,10 +229,12 @@ def test_csv_output_and_predictions_match_the_model_on_mnist_style_pngs(data_dir
     for i, image in enumerate(images[:40, 0].numpy()):
         Image.fromarray(image).save(tmp_path / f"{i:03d}.png")
     predictions = cli_main(["--ckpt_path", str(trained_ckpt), str(tmp_path), "--output", str(tmp_path / "p.csv")])
-    model, (mean, std), _ = load_checkpoint(trained_ckpt)
+    model, (mean, std), saved = load_checkpoint(trained_ckpt)
     with torch.inference_mode():
-        probs = model(images[:40].float().div(255).sub(mean).div(std)).softmax(1)
+        logits = model(images[:40].float().div(255).sub(mean).div(std))
+    probs = (logits / saved["temperature"]).softmax(1)  # calibrated: the checkpoint's temperature
     assert [p["digit"] for p in predictions] == probs.argmax(1).tolist()
+    assert torch.tensor([p["logits"] for p in predictions]).sub(logits).abs().max() < 1e-5
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert list(rows[0]) == ["path", "digit", "probability", "digit2", "probability2", "digit3", "probability3"]
     assert [int(r["digit"]) for r in rows] == probs.argmax(1).tolist()

@@ -66,13 +66,15 @@ def server(trained_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(trained_ckpt):
-    """What the checkpoint's network says about an image file, by predict's own functions."""
-    net, (mean, std), _ = load_checkpoint(trained_ckpt)
+    """What the checkpoint's network says about an image file, by predict's own functions: calibrated
+    probabilities, softmax(logits / T)."""
+    net, (mean, std), saved = load_checkpoint(trained_ckpt)
 
     def answer(data: bytes) -> tuple[np.ndarray, torch.Tensor]:
         image = read_image(data)
         with torch.inference_mode():
-            return image, net(normalise(torch.from_numpy(image[None]).unsqueeze(1), mean, std)).softmax(1)[0]
+            logits = net(normalise(torch.from_numpy(image[None]).unsqueeze(1), mean, std))
+        return image, (logits / saved["temperature"]).softmax(1)[0]
 
     return answer
 

@@ -1,7 +1,8 @@
 """Ship a checkpoint: ``python -m mnist_lightning.export [--ckpt_path best] [--format onnx|torchscript] [--help]``.
 
-The exported graph takes a float batch (N, 1, 28, 28) of raw 0-255 pixels and returns the ten logits;
-it normalises with the checkpoint's mean and std itself, unless ``--normalised_input`` leaves that out.
+The exported graph takes a float batch (N, 1, 28, 28) of raw 0-255 pixels and returns two outputs: the ten
+``logits`` and the ten calibrated ``probabilities``, softmax(logits / T) with the checkpoint's temperature.
+It normalises with the checkpoint's mean and std itself, unless ``--normalised_input`` leaves that out.
 The export is loaded back and checked against PyTorch before it is written.
 """
 
@@ -20,7 +21,7 @@ from mnist_lightning.files.checkpoints import load_checkpoint, resolve_checkpoin
 from mnist_lightning.files.outputs import write_output
 from mnist_lightning.net import normalise
 
-TOLERANCE = 1e-4  # on the logits; float32 kernels of different runtimes differ by ~1e-6
+TOLERANCE = 1e-4  # on the logits and probabilities; float32 kernels of different runtimes differ by ~1e-6
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 
 
@@ -35,7 +36,23 @@ class RawPixels(nn.Module):
         return self.net(normalise(pixels, self.mean, self.std))
 
 
+class Calibrated(nn.Module):
+    """The logits, first and as they were, and the calibrated probabilities: softmax(logits / T)."""
+
+    def __init__(self, net: nn.Module, temperature: float):
+        super().__init__()
+        self.net, self.temperature = net, temperature
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(x)
+        return logits, (logits / self.temperature).softmax(1)
+
+
 def to_onnx(module: nn.Module, example: torch.Tensor, input_name: str) -> bytes:
+    with torch.inference_mode():
+        outputs = module(example)
+    # The logits, and the probabilities beside them if the module returns them (Calibrated does).
+    names = ["logits", "probabilities"][: len(outputs) if isinstance(outputs, tuple) else 1]
     buffer = io.BytesIO()
     try:
         torch.onnx.export(
@@ -44,21 +61,21 @@ def to_onnx(module: nn.Module, example: torch.Tensor, input_name: str) -> bytes:
             buffer,
             dynamo=False,
             input_names=[input_name],
-            output_names=["logits"],
-            dynamic_axes={input_name: {0: "batch"}, "logits": {0: "batch"}},
+            output_names=names,
+            dynamic_axes={input_name: {0: "batch"}, **{name: {0: "batch"} for name in names}},
         )
     except torch.onnx.OnnxExporterError as err:
         raise UserError(f"ONNX export failed ({err}); pip install -e '.[export]'") from None
     return buffer.getvalue()
 
 
-def run_onnx(exported: bytes, x: torch.Tensor) -> torch.Tensor:
+def run_onnx(exported: bytes, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         import onnxruntime
     except ImportError:
         raise UserError("checking an ONNX export needs onnxruntime; pip install -e '.[export]'") from None
     session = onnxruntime.InferenceSession(exported, providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    return tuple(map(torch.from_numpy, session.run(None, {session.get_inputs()[0].name: x.numpy()})))
 
 
 def to_torchscript(module: nn.Module) -> bytes:
@@ -67,14 +84,15 @@ def to_torchscript(module: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-def run_torchscript(exported: bytes, x: torch.Tensor) -> torch.Tensor:
+def run_torchscript(exported: bytes, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.jit.load(io.BytesIO(exported))(x)
 
 
 def exported(ckpt_path: Path, kind: str, normalised_input: bool = False) -> tuple[bytes, float]:
-    """The exported file's bytes and its max abs difference from PyTorch on a batch of 7 random images."""
-    net, (mean, std), _ = load_checkpoint(ckpt_path)
-    module = net if normalised_input else RawPixels(net, mean, std)
+    """The exported file's bytes and its max abs difference from PyTorch, logits and probabilities, on a
+    batch of 7 random images."""
+    net, (mean, std), saved = load_checkpoint(ckpt_path)
+    module = Calibrated(net if normalised_input else RawPixels(net, mean, std), saved["temperature"])
     # Pixels that look like an image's, so the check exercises the normalisation as well.
     pixels = torch.randint(0, 256, (7, 1, 28, 28), generator=torch.Generator().manual_seed(0)).float()
     x = normalise(pixels, mean, std) if normalised_input else pixels
@@ -92,7 +110,7 @@ def exported(ckpt_path: Path, kind: str, normalised_input: bool = False) -> tupl
         else:
             exported = to_torchscript(module)
             got = run_torchscript(exported, x)
-    return exported, (got - expected).abs().max().item()
+    return exported, max((g - e).abs().max().item() for g, e in zip(got, expected, strict=True))
 
 
 def export(

@@ -1,6 +1,7 @@
 """Read digits in people's own images: ``python -m mnist_lightning.predict IMAGE_OR_DIR... [--ckpt_path best]``.
 
-Each image is prepared the way MNIST's digits were (files/images.py) and read by the checkpoint's network.
+Each image is prepared the way MNIST's digits were (files/images.py) and read by the checkpoint's network;
+the probabilities are calibrated, softmax(logits / T) with the checkpoint's temperature.
 """
 
 import csv
@@ -62,7 +63,7 @@ def predict(
     save_preprocessed: Path | None = None,
     batch_size: int = 1024,
 ) -> list[dict]:
-    """Read digits in your own images: one line each, the digit, its probability and the top three.
+    """Read digits in your own images: one line each, the digit, its calibrated probability and the top three.
 
     Args:
         inputs: image files and folders (searched recursively)
@@ -78,7 +79,7 @@ def predict(
     ckpt = resolve_checkpoint(ckpt_path)
     if str(ckpt) != ckpt_path:  # said on stderr: stdout is the predictions' alone
         print(f"note: --ckpt_path {ckpt_path} is {ckpt}", file=sys.stderr)
-    model, (mean, std), _ = load_checkpoint(ckpt)
+    model, (mean, std), saved = load_checkpoint(ckpt)
     if save_preprocessed:
         try:
             save_preprocessed.mkdir(parents=True, exist_ok=True)
@@ -98,10 +99,12 @@ def predict(
             continue
         images = np.stack(images)
         with torch.inference_mode():
-            top = model(normalise(torch.from_numpy(images).unsqueeze(1), mean, std)).softmax(1).topk(3)
-        for path, image, probs, digits in zip(batch, images, top.values.tolist(), top.indices.tolist(), strict=True):
+            logits = model(normalise(torch.from_numpy(images).unsqueeze(1), mean, std))
+            top = (logits / saved["temperature"]).softmax(1).topk(3)
+        columns = (batch, images, top.values.tolist(), top.indices.tolist(), logits.tolist())
+        for path, image, probs, digits, raw in zip(*columns, strict=True):
             top3 = list(zip(digits, probs, strict=True))
-            row = {"path": str(path), "digit": digits[0], "probability": probs[0], "top3": top3}
+            row = {"path": str(path), "digit": digits[0], "probability": probs[0], "top3": top3, "logits": raw}
             print(f"{path}  {digits[0]}  {probs[0]:.3f}  top3 " + " ".join(f"{d}:{p:.3f}" for d, p in top3))
             if save_preprocessed:
                 Image.fromarray(image).save(save_preprocessed / f"{len(predictions):05d}_{path.stem}.png")

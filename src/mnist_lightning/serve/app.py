@@ -180,9 +180,10 @@ def create_app(
     max_bytes: int,
     hosts: set[str] | None = None,
     cors_origins: list[str] = (),
+    temperature: float = 1.0,
 ) -> FastAPI:
     """The app; ``hosts`` are the Host names it answers to (None: any), ``cors_origins`` the other pages that
-    may call it from a browser."""
+    may call it from a browser, ``temperature`` the checkpoint's, which calibrates the probabilities."""
     torch.set_num_threads(1)  # one small image a call has nothing to share out; workers are the parallelism
     # What exists now (torch, the network) lives as long as the process: keep it out of every garbage
     # collection. A full one over it took 150-160 ms here, a stall for every request in flight.
@@ -238,15 +239,17 @@ def create_app(
             raise BadRequest(415, f"{err}") from None
         except UserError as err:
             raise BadRequest(422, f"{err}", blank=str(err).startswith("no digit found")) from None
-        return JSONResponse(answer(image, classify(net, mean, std, image)))
+        return JSONResponse(answer(image, classify(net, mean, std, image, temperature)))
 
     return app
 
 
-def classify(net: torch.nn.Module, mean: float, std: float, image: np.ndarray) -> torch.Tensor:
-    """The ten probabilities for one 28x28 uint8 image."""
+def classify(
+    net: torch.nn.Module, mean: float, std: float, image: np.ndarray, temperature: float = 1.0
+) -> torch.Tensor:
+    """The ten calibrated probabilities for one 28x28 uint8 image, softmax(logits / T) as predict's."""
     with torch.inference_mode():
-        return net(normalise(torch.from_numpy(image[None]).unsqueeze(1), mean, std)).softmax(1)[0]  # as predict
+        return (net(normalise(torch.from_numpy(image[None]).unsqueeze(1), mean, std))[0] / temperature).softmax(0)
 
 
 def answer(image: np.ndarray, probabilities: torch.Tensor) -> dict:
@@ -264,7 +267,8 @@ def answer(image: np.ndarray, probabilities: torch.Tensor) -> dict:
 def from_environment() -> FastAPI:
     """The app for one process of ``--workers N``, built from the settings the command put in the environment."""
     settings = json.loads(os.environ[SETTINGS_VARIABLE])
-    net, (mean, std), _ = load_checkpoint(settings["ckpt_path"])
+    # quiet: the command has said once whether the checkpoint is calibrated; N workers need not repeat it.
+    net, (mean, std), saved = load_checkpoint(settings["ckpt_path"], quiet=True)
     return create_app(
         net,
         mean,
@@ -273,6 +277,7 @@ def from_environment() -> FastAPI:
         max_bytes=settings["max_bytes"],
         hosts=set(settings["hosts"]),
         cors_origins=settings["cors_origins"],
+        temperature=saved["temperature"],
     )
 
 

@@ -69,7 +69,7 @@ def serve(
             raise
         raise UserError(f"serving needs {err.name}, not installed: pip install 'mnist-lightning[serve]'") from None
     ckpt_path = str(resolve_checkpoint(ckpt_path))
-    net, (mean, std), _ = load_checkpoint(ckpt_path)
+    net, (mean, std), saved = load_checkpoint(ckpt_path)
     sock = listen(host, port)
     bound, port = sock.getsockname()[:2]
     print(f"serving {ckpt_path} at http://{f'[{bound}]' if ':' in bound else bound}:{port}/", flush=True)
@@ -94,6 +94,7 @@ def serve(
             max_bytes=max_bytes,
             hosts=set(settings["hosts"]),
             cors_origins=settings["cors_origins"],
+            temperature=saved["temperature"],
         )
         uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
     else:
