@@ -1,11 +1,17 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
+from torchmetrics.classification import MulticlassCalibrationError
 
 from conftest import TEST_SIZE
 from mnist_lightning.errors import run_main
 from mnist_lightning.evaluate import cli_main
+from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.idx import load_split
+from mnist_lightning.net import normalise
 
 
 def test_evaluate_reports_what_fit_reported_for_the_same_checkpoint(fit_result, trained_ckpt, tmp_path, capsys):
@@ -24,8 +30,20 @@ def test_evaluate_reports_what_fit_reported_for_the_same_checkpoint(fit_result, 
         assert row["recall"] == row["accuracy"] == pytest.approx(matrix[c][c] / sum(matrix[c]))
         assert row["precision"] == (matrix[c][c] / sum(column) if sum(column) else None)
 
+    # Calibration with the checkpoint's temperature, the ECE as torchmetrics computes it.
+    figures, (net, (mean, std), settings) = saved["calibration"], load_checkpoint(trained_ckpt)
+    images, labels = load_split(Path(saved["data"]["data_dir"]) / "MNIST" / "raw", "test")
+    with torch.inference_mode():
+        logits = net(normalise(images, mean, std))
+    assert figures["temperature"] == settings["temperature"] and figures["accuracy"] == saved["accuracy"]
+    for name, t in (("uncalibrated", 1.0), ("calibrated", settings["temperature"])):
+        ece = MulticlassCalibrationError(10, n_bins=15, norm="l1")((logits / t).softmax(1), labels)
+        assert figures[name]["ece"] == pytest.approx(float(ece), abs=1e-5)
+    assert figures["calibrated"]["nll"] < figures["uncalibrated"]["nll"]
+
     out = capsys.readouterr().out
     assert f"accuracy    {saved['accuracy']:.4f}" in out and "confusion matrix" in out
+    assert f"ECE, 15 bins              {figures['uncalibrated']['ece']:>15.4f}" in out
     assert "true\\pred      0     1     2" in out
     table_row = "        3 " + "".join(f"{n:>6}" for n in matrix[3])
     assert table_row in out.splitlines()

@@ -1,6 +1,7 @@
 """Where a checkpoint fails on the test set: ``python -m mnist_lightning.evaluate [--ckpt_path best] [--help]``.
 
-Prints accuracy and loss, per-class accuracy, precision and recall, and the confusion matrix, and writes
+Prints accuracy and loss, calibration (expected calibration error and median top-1 probability, before and
+after the checkpoint's temperature), per-class accuracy, precision and recall, and the confusion matrix, and writes
 them to JSON (by default ``<checkpoint>.eval.json`` beside the checkpoint). The ``--data.*`` options that
 concern the test set work as in fit; those left out are the checkpoint's. Only torch is imported, not
 Lightning, and only the test files are read. ``--verbose`` shows an error's traceback.
@@ -14,6 +15,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from mnist_lightning import calibration
 from mnist_lightning.cli import command
 from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.files.checkpoints import load_checkpoint, resolve_checkpoint
@@ -44,13 +46,14 @@ class DataOptions:
     std: float | None = None
 
 
-def evaluate(net, data: dict, label_smoothing: float = 0.0) -> dict:
+def evaluate(net, data: dict, label_smoothing: float = 0.0, temperature: float = 1.0) -> dict:
     """Run the test set through the network; every per-class figure comes from the confusion matrix."""
     images, labels = load_split(raw_dir(data["data_dir"], data["dataset"]), "test")
-    matrix, loss = torch.zeros(10, 10, dtype=torch.long), 0.0
+    matrix, loss, kept = torch.zeros(10, 10, dtype=torch.long), 0.0, []
     with torch.inference_mode():
         for x, y in zip(images.split(data["eval_batch_size"]), labels.split(data["eval_batch_size"]), strict=True):
             logits = net(normalise(x, data["mean"], data["std"]))
+            kept.append(logits)  # 10k rows of 10, for the calibration figures
             # Rows: true class, columns: predicted class.
             matrix += torch.bincount(y * 10 + logits.argmax(1), minlength=100).view(10, 10)
             loss += float(F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="sum"))
@@ -71,6 +74,7 @@ def evaluate(net, data: dict, label_smoothing: float = 0.0) -> dict:
         "images": len(labels),
         "accuracy": int(matrix.diag().sum()) / len(labels),
         "loss": loss / len(labels),
+        "calibration": calibration.summary(torch.cat(kept), labels, temperature),
         "per_class": per_class_rows,
         "confusion_matrix": matrix.tolist(),
     }
@@ -109,6 +113,8 @@ def report(result: dict) -> str:
         f"accuracy    {result['accuracy']:.4f}",
         f"loss        {result['loss']:.4f}  (with the label smoothing of training, as fit's test/loss)",
         "",
+        *calibration_lines(result["calibration"]),
+        "",
         "class  images  accuracy/recall  precision",
         *(
             f"{r['class']:>5}  {r['images']:>6}  {figure(r['recall']):>15}  {figure(r['precision']):>9}"
@@ -122,8 +128,21 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def calibration_lines(figures: dict) -> list[str]:
+    """Before and after the temperature: ECE, median top-1 probability (against the accuracy), plain NLL."""
+    before, after = figures["uncalibrated"], figures["calibrated"]
+    return [
+        f"calibration: temperature {figures['temperature']:.4f}, fitted on the validation images (1: none)",
+        "                          softmax(logits)  softmax(logits / T)",
+        f"ECE, 15 bins              {before['ece']:>15.4f}  {after['ece']:>19.4f}",
+        f"median top-1 probability  {before['median_confidence']:>15.4f}  {after['median_confidence']:>19.4f}"
+        f"  (accuracy {figures['accuracy']:.4f})",
+        f"NLL, no smoothing         {before['nll']:>15.4f}  {after['nll']:>19.4f}",
+    ]
+
+
 def evaluate_checkpoint(ckpt_path: str = "best", data: DataOptions = DataOptions(), output: Path | None = None) -> dict:
-    """Where a checkpoint fails on the test set: accuracy, loss, per-class figures, the confusion matrix.
+    """Where a checkpoint fails on the test set: accuracy, loss, calibration, per-class figures, the confusion matrix.
 
     Args:
         ckpt_path: best or last (the newest run's under ./lightning_logs), or a checkpoint written by fit
@@ -139,7 +158,8 @@ def evaluate_checkpoint(ckpt_path: str = "best", data: DataOptions = DataOptions
     if not settings["std"] > 0:
         raise UserError(f"std must be positive, got {settings['std']}")
     label_smoothing = saved["model"].get("label_smoothing", 0.0)
-    result = {"checkpoint": str(path), "data": settings, **evaluate(net, settings, label_smoothing)}
+    figures = evaluate(net, settings, label_smoothing, saved["temperature"])
+    result = {"checkpoint": str(path), "data": settings, **figures}
     print(report(result))
     output = output or path.with_name(path.stem + ".eval.json")
     write_output(output, json.dumps(result, indent=2) + "\n", made_from=path)
