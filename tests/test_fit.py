@@ -225,7 +225,7 @@ def test_fit_writes_events_checkpoints_metrics_and_resumes(data_dir, tmp_path):
 
     events = EventAccumulator(str(version), size_guidance={"images": 0})
     events.Reload()
-    assert set(events.Tags()["images"]) == {"test/confusion_matrix", "test/mistakes"}
+    assert set(events.Tags()["images"]) == {"test/confusion_matrix", "test/mistakes", "test/reliability_diagram"}
     hparams = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"])
     assert [m.name.tag for m in hparams.experiment.metric_infos] == ["val/acc_best", "test/acc", "test/loss"]
     names = {h.name: h.differs for h in hparams.experiment.hparam_infos}

@@ -13,6 +13,9 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from mnist_lightning.calibration import BINS, calibration_error, reliability
+from mnist_lightning.training.calibration import temperature_of
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -147,11 +150,36 @@ def mistakes_figure(images: torch.Tensor, true: torch.Tensor, predicted: torch.T
     return figure
 
 
+def reliability_figure(before: torch.Tensor, after: torch.Tensor, temperature: float) -> "Figure":
+    """Accuracy against top-1 confidence per bin, from ``reliability``'s sums, before and after the temperature;
+    a calibrated model's bars sit on the diagonal."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 5.5), layout="constrained")
+    axes = figure.subplots()
+    width = 1 / BINS
+    centres = (torch.arange(BINS) + 0.5) * width
+    for bins, label, colour in (
+        (before, "softmax(logits)", "lightgrey"),
+        (after, f"softmax(logits / {temperature:.3g})", "tab:blue"),
+    ):
+        images, _, correct = bins.cpu()
+        accuracy = correct / images.clamp(min=1)
+        shown = images > 0  # an empty bin has no accuracy
+        ece = calibration_error(bins)
+        axes.bar(centres[shown], accuracy[shown], width * 0.9, color=colour, alpha=0.7, label=f"{label}: ECE {ece:.2%}")
+    axes.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
+    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-1 probability (15 bins)", ylabel="accuracy in the bin")
+    axes.legend(loc="upper left")
+    axes.set_title("Test set: reliability diagram")
+    return figure
+
+
 class RunReport(Callback):
     """What fit reports besides the curves: the run in TensorBoard's Custom Scalars and HPARAMS tabs, with
     the model's, the data's and the Trainer's settings; per-digit test accuracy; and in TensorBoard the
-    confusion matrix and the first misread digits. One callback, as Lightning calls every callback at
-    every hook, each step too.
+    confusion matrix, the reliability diagram and the first misread digits. One callback, as Lightning calls
+    every callback at every hook, each step too.
     """
 
     def on_train_start(self, trainer: Trainer, pl_module) -> None:
@@ -180,11 +208,16 @@ class RunReport(Callback):
         self.confusion = MulticlassConfusionMatrix(10, validate_args=False).to(pl_module.device)
         self.mistakes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.shown = 0
+        # Bin sums before and after the temperature (the tested checkpoint's), for the reliability diagram.
+        self.temperature = temperature_of(trainer) or 1.0
+        self.bins = torch.zeros(2, 3, BINS, dtype=torch.float64, device=pl_module.device)
 
     def on_test_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         x, y = batch
         predicted = outputs.argmax(1)
         self.confusion.update(predicted, y)
+        for i, t in enumerate((1.0, self.temperature)):
+            self.bins[i] += reliability((outputs.detach().double() / t).softmax(1), y)
         if self.shown < MISTAKES_SHOWN:
             wrong = predicted != y
             self.mistakes.append((x[wrong], y[wrong], predicted[wrong]))
@@ -192,12 +225,14 @@ class RunReport(Callback):
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module) -> None:
         matrix = self.confusion.compute()  # summed over DDP ranks
+        bins = trainer.strategy.reduce(self.bins, reduce_op="sum")  # every rank must take part
         # A digit's accuracy is its recall: the share of its images read right (rows: the true digit; NaN: none).
         for digit, accuracy in enumerate(matrix.diag() / matrix.sum(1)):
             pl_module.log(f"test/acc_digit_{digit}", accuracy, sync_dist=True)  # equal on every rank already
         if isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero:
             writer, step = trainer.logger.experiment, trainer.global_step
             writer.add_figure("test/confusion_matrix", confusion_figure(matrix), step)
+            writer.add_figure("test/reliability_diagram", reliability_figure(*bins, self.temperature), step)
             if self.mistakes:
                 images, true, predicted = (torch.cat(p)[:MISTAKES_SHOWN] for p in zip(*self.mistakes, strict=True))
                 writer.add_figure("test/mistakes", mistakes_figure(images, true, predicted), step)
