@@ -393,3 +393,34 @@ def test_help_names_the_command_and_heads_each_group_with_a_whole_sentence(capsy
     for cls in (MNISTClassifier, MNISTDataModule, EpochCheckpoint):
         summary = cls.__doc__.strip().split("\n\n")[0]  # what jsonargparse heads the group with
         assert "\n" not in summary and f"\n{summary.rstrip('.')}:\n" in out, cls
+
+
+@pytest.mark.slow
+def test_a_command_trains_on_one_thread_unless_told_otherwise(data_dir, tmp_path):
+    """cli.threads: one intra-op thread, which a busy machine cannot starve; OMP_NUM_THREADS wins; the
+    count is recorded beside the figures, as part of what the seed reproduces."""
+    for setting, expected in ((None, 1), ("2", 2)):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | (
+            {"OMP_NUM_THREADS": setting} if setting else {}
+        )
+        root = tmp_path / f"threads-{expected}"
+        cmd = [sys.executable, "-m", "mnist_lightning.fit", "--data.data_dir", str(data_dir), *FAST]
+        proc = subprocess.run([*cmd, "--trainer.default_root_dir", str(root)], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(next(root.glob("lightning_logs/version_0/metrics.json")).read_text())["threads"] == expected
+
+
+def test_the_same_seed_and_thread_count_give_the_same_weights(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        weights = []
+        for _ in range(2):
+            result = cli_main(["--data.data_dir", str(data_dir), *FAST])
+            assert result["threads"] == 1
+            weights.append(torch.load(result["best_model_path"], weights_only=True)["state_dict"])
+    finally:
+        torch.set_num_threads(previous)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

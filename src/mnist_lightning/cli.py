@@ -4,6 +4,7 @@ fit's from the constructors, each with ``--help``, ``--config FILE`` and ``--pri
 """
 
 import importlib
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -28,6 +29,21 @@ def prog(command: str) -> str:
     if sys.argv and sys.argv[0].endswith("mnist-lightning"):
         return f"mnist-lightning {command}"
     return f"python -m mnist_lightning.{command}"
+
+
+def threads() -> int:
+    """Every command's intra-op thread policy: one thread, unless OMP_NUM_THREADS says otherwise.
+
+    This MLP's matmuls are too small to share out, and threads that wait for a core another process holds
+    cost far more than they give: a default fit beside one busy process collapses on two threads and not on
+    one (benchmarks/busy.py; its figures are in benchmarks/README.md). The count is part of what a seed
+    reproduces (the order of sums), so fit records it in metrics.json. Returns the count in use.
+    """
+    import torch
+
+    if not os.environ.get("OMP_NUM_THREADS"):  # torch reads it at start-up; an explicit choice wins
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
 
 
 def usage_error(err: Exception) -> UserError:

@@ -39,13 +39,17 @@ class QuietPipe:
 
 
 def run_main(main: Callable[[list[str]], object], args: list[str] | None = None) -> None:
-    """Call ``main(args)`` and turn a UserError or OSError into ``error: ...`` on stderr and exit status 2.
+    """Call ``main(args)`` and turn a UserError or OSError into ``error: ...`` on stderr and exit status 2;
+    with the process's threads set by ``cli.threads`` first.
 
     stdout survives a reader that goes away, and prints file names that are not UTF-8 as their bytes.
     """
     if hasattr(sys.stdout, "reconfigure") and not isinstance(sys.stdout, QuietPipe):
         sys.stdout.reconfigure(errors="surrogateescape")
         sys.stdout = QuietPipe(sys.stdout)
+    from mnist_lightning.cli import threads  # here: cli imports this module
+
+    threads()  # every command's process, DDP's and the sweep's workers too
     args = sys.argv[1:] if args is None else list(args)
     verbose = "--verbose" in args
     args = [a for a in args if a != "--verbose"]

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -44,6 +45,7 @@ def cli_main(args: list[str] | None = None, callbacks: tuple[Callback, ...] = ()
         "fit_seconds": fit_seconds,
         "epoch_seconds": cli.timer.seconds,
         "global_step": trainer.global_step,
+        "threads": torch.get_num_threads(),  # part of what the seed reproduces (cli.threads)
         # Under ddp_spawn the data lived in the spawned processes only.
         "train_samples": len(data.train_set) if hasattr(data, "train_set") else None,
         "config": json.loads(cli.parser.dump(cli.config, format="json", skip_check=True)),
