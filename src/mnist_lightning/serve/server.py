@@ -63,7 +63,8 @@ def serve(
         import uvicorn
         from uvicorn.supervisors import Multiprocess
 
-        from mnist_lightning.serve.app import SETTINGS_VARIABLE, create_app, host_names
+        from mnist_lightning.serve.app import SETTINGS_VARIABLE, create_app
+        from mnist_lightning.serve.guard import host_names
     except ModuleNotFoundError as err:
         if err.name not in ("fastapi", "starlette", "uvicorn", "python_multipart"):
             raise
