@@ -1,3 +1,4 @@
+import importlib
 import os
 import re
 import subprocess
@@ -89,3 +90,18 @@ def test_serve_prints_a_table_per_image_kind(data_dir, trained_ckpt, tmp_path):
     assert proc.stdout.count("| workers | connections | requests/s |") == 2
     rows = re.findall(r"^\| 1 \| 2 \| ([\d,.]+) \|.*\| (\d+) \| [\d,]+ \| \d+ \|$", proc.stdout, re.M)
     assert len(rows) == 2 and all(float(rate.replace(",", "")) > 0 and errors == "0" for rate, errors in rows)
+
+
+@pytest.mark.slow  # it asks a fresh process, which imports Lightning (5 s of CPU)
+def test_speed_turns_off_each_speedup_alone(monkeypatch):
+    """speed.py's "without X" rows must follow the package's speedups: one row per name, each with X alone off.
+    Its own copy of the names once lost one, so every row also ran without that speedup and none showed it."""
+    from mnist_lightning.training import speedups
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    speed = importlib.import_module("speed")
+    names = speed.speedup_names()
+    assert names == list(speedups.NAMES)
+    monkeypatch.setattr(speedups, "_active", speedups._active)  # configure() sets it; put it back after
+    for name, setting in speed.without_each(names).items():
+        assert speedups.configure(setting) == set(speedups.NAMES) - {name}, name
