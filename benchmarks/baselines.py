@@ -1,7 +1,7 @@
 """The two plain-PyTorch references that the Lightning fit is measured against (no Lightning here).
 
-(a) ``tutorial``: the seed tutorial as written: torchvision's MNIST with per-sample ToTensor + Normalize,
-    a shuffling DataLoader at batch 64, Adam 1e-3 for 5 epochs, then the test set.
+(a) ``tutorial``: the PyTorch MNIST tutorial as written: torchvision's MNIST with per-sample ToTensor and
+    Normalize, a shuffling DataLoader at batch 64, Adam 1e-3 for 5 epochs, then the test set.
 (b) ``in_memory``: the lower bound: the same network and fused Adam over tensors already in memory,
     batches cut by index slicing, no DataLoader, no validation, no metrics.
 Both return test accuracy, training-loop seconds, optimizer steps and training samples seen; (b) also
@@ -11,7 +11,6 @@ each epoch's seconds.
 import argparse
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,12 +75,11 @@ def in_memory(
     device: str = "cpu",
     train_size: int = 55_000,
     compile: str | None = None,
-    on_step: Callable[[], None] | None = None,
 ) -> dict:
     """``train_size`` defaults to the size of the fit's training split, so that both see the same samples.
 
     ``compile`` is a torch.compile mode; compiled, the first epoch (which compiles) is left out and the others
-    scaled to ``epochs``. ``on_step`` is called before every step (step_profile.py's windows).
+    scaled to ``epochs``.
     """
     torch.manual_seed(seed)
     x, y, xt, yt = (
@@ -100,8 +98,6 @@ def in_memory(
         start = time.perf_counter()
         order = torch.randperm(len(y), device=device)
         for i in range(0, len(y), batch_size):
-            if on_step:
-                on_step()
             idx = order[i : i + batch_size]
             optimizer.zero_grad()
             F.cross_entropy(net(x[idx]), y[idx]).backward()

@@ -1,7 +1,7 @@
 """Side-by-side training speed: ``python benchmarks/speed.py DATA_DIR [--device cuda] [--batch-sizes 64 256]``.
 
 Every variant is its own process, timed from launch to exit, with its peak RSS from wait4:
-  (a) the seed tutorial: per-sample ToTensor + Normalize, DataLoader, plain loop (CPU only)
+  (a) the PyTorch MNIST tutorial: per-sample ToTensor + Normalize, DataLoader, plain loop (CPU only)
   (b) the lower bound: plain loop over in-memory tensors, index-sliced batches, no DataLoader
   (c) ``python -m mnist_lightning.fit``: validation, TensorBoard, checkpoints and the final test included
 With --speedups-off, each (c) runs again with MNIST_LIGHTNING_SPEEDUPS=none (what speedups.py buys), and
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each variant; the median is shown")
-    parser.add_argument("--no-tutorial", action="store_true", help="skip (a), which takes ~18 s on 2 cores")
+    parser.add_argument("--no-tutorial", action="store_true", help="skip (a), which takes 25-35 s on 2 cores")
     parser.add_argument(
         "--compile",
         nargs="?",
