@@ -56,8 +56,8 @@ def main() -> None:
     more = args.fit_args
     report("fit, the defaults", [fit(data_dir, s, *more) for s in args.seeds])
     report(
-        "fit, configs/seed.yaml",
-        [fit(data_dir, s, "--config", str(CONFIGS / "seed.yaml"), *more) for s in args.seeds],
+        "fit, configs/tutorial.yaml",
+        [fit(data_dir, s, "--config", str(CONFIGS / "tutorial.yaml"), *more) for s in args.seeds],
     )
     for extra in args.extra:
         name, _, options = extra.partition("=")

@@ -179,8 +179,8 @@ def main() -> None:
             fit = partial(lightning_fit, env=env)
             variants[f"(c) fit default{tag}"] = partial(fit, data_dir, bs, epochs, args.device, *fit_args)
             if not args.default_only:
-                seed = ["--config", str(configs / "seed.yaml"), *fit_args]
-                variants[f"(c) fit seed.yaml{tag}"] = partial(fit, data_dir, bs, epochs, args.device, *seed)
+                tutorial = ["--config", str(configs / "tutorial.yaml"), *fit_args]
+                variants[f"(c) fit tutorial.yaml{tag}"] = partial(fit, data_dir, bs, epochs, args.device, *tutorial)
             if shipped:  # the commands as shipped, against the tutorial as written (the first batch size, 64)
                 variants[f"default{tag}"] = partial(fit, data_dir, None, epochs, args.device, *fit_args)
                 fast = ["--config", str(configs / "fast.yaml"), *fit_args]

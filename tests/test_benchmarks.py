@@ -54,7 +54,7 @@ def test_accuracy_prints_a_row_per_recipe(data_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     rows = re.findall(r"^\| fit, (.+?) \| (\d+\.\d\d) \|", proc.stdout, re.M)
-    assert [name for name, _ in rows] == ["the defaults", "configs/seed.yaml"]
+    assert [name for name, _ in rows] == ["the defaults", "configs/tutorial.yaml"]
     assert all(10 < float(acc) <= 100 for _, acc in rows)
 
 
