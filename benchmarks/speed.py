@@ -1,6 +1,6 @@
 """Side-by-side training speed: ``python benchmarks/speed.py DATA_DIR [--device cuda] [--batch-sizes 64 256]``.
 
-Every variant is its own process, timed from launch to exit, with its peak RSS from wait4:
+Every variant is its own process, timed from launch to exit, with its CPU seconds and peak RSS from wait4:
   (a) the PyTorch MNIST tutorial: per-sample ToTensor + Normalize, DataLoader, plain loop (CPU only)
   (b) the lower bound: plain loop over in-memory tensors, index-sliced batches, no DataLoader
   (c) ``python -m mnist_lightning.fit``: validation, TensorBoard, checkpoints and the final test included
@@ -11,6 +11,8 @@ with --against SRC, again from another checkout's src/ (e.g. a worktree of an ol
 The training-loop time of (c) is the sum of its epochs, each with its validation and checkpoint, without the
 one-time setup (decoding the files) that (b) also leaves out. With --compile [MODE], (b) and (c) both run the
 network through torch.compile and their loop time is epochs 2..E scaled to E epochs, leaving compilation out.
+On a shared machine the wall clock counts other processes' turns too, and a process's CPU seconds do not, with
+one thread (OMP_NUM_THREADS=1); with more, each waits for the others by spinning, which counts as CPU time.
 """
 
 import argparse
@@ -31,8 +33,8 @@ HERE = Path(__file__).resolve().parent
 FLOPS_PER_SAMPLE = 6 * (784 * 128 + 128 * 64 + 64 * 10)  # forward + backward of the MLP's matmuls
 
 
-def timed(cmd: list[str], cwd: str, env: dict | None = None) -> tuple[float, float, str]:
-    """Run cmd; return (wall seconds, peak RSS in MiB, stdout)."""
+def timed(cmd: list[str], cwd: str, env: dict | None = None) -> tuple[dict, str]:
+    """Run cmd; return its wall and CPU seconds and its peak RSS in MiB, and its stdout."""
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: nobody reads it until the end
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
@@ -43,7 +45,7 @@ def timed(cmd: list[str], cwd: str, env: dict | None = None) -> tuple[float, flo
             err.seek(0)
             tail = "".join(err.readlines()[-15:])
             raise SystemExit(f"failed: {' '.join(cmd)}\n{tail}")
-    return wall, usage.ru_maxrss / 1024, out
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mib": usage.ru_maxrss / 1024}, out
 
 
 def speedup_names() -> list[str]:
@@ -70,8 +72,8 @@ def baseline(which: str, data_dir: str, batch_size: int, epochs: int, device: st
     ]
     cmd += ["--epochs", str(epochs)] + (["--device", device] if which == "in_memory" else [])
     cmd += ["--compile", compile] if compile else []
-    wall, rss, out = timed(cmd, cwd=str(HERE))
-    return {"wall_s": wall, "rss_mib": rss, **json.loads(out.strip().splitlines()[-1])}
+    times, out = timed(cmd, cwd=str(HERE))
+    return {**times, **json.loads(out.strip().splitlines()[-1])}
 
 
 def lightning_fit(
@@ -83,11 +85,10 @@ def lightning_fit(
         cmd += ["--data.batch_size", str(batch_size)] if batch_size else []
         cmd += ["--trainer.max_epochs", str(epochs)]
         cmd += ["--trainer.accelerator", accelerator]
-        wall, rss, _ = timed(cmd, cwd=tmp, env=env)
+        times, _ = timed(cmd, cwd=tmp, env=env)
         metrics = json.loads(next(Path(tmp).glob("lightning_logs/version_*/metrics.json")).read_text())
     return {
-        "wall_s": wall,
-        "rss_mib": rss,
+        **times,
         "steps": metrics["global_step"],
         "samples": metrics["train_samples"] * epochs,
         "test_acc": metrics["test/acc"],
@@ -113,7 +114,7 @@ def row(name: str, r: dict, ref: dict) -> str:
         f"{k}: {r['wall_s'] / v['wall_s']:.2f}x / {r['train_s'] / v['train_s']:.2f}x" for k, v in ref.items()
     )
     return (
-        f"| {name} | {r['wall_s']:.1f} | {r['train_s']:.2f} | {r['samples'] / r['train_s']:,.0f} "
+        f"| {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['train_s']:.2f} | {r['samples'] / r['train_s']:,.0f} "
         f"| {1000 * r['train_s'] / r['steps']:.3f} | {gflops:.1f} | {r['rss_mib']:.0f} "
         f"| {100 * r['test_acc']:.2f} | {ratios} |"
     )
@@ -154,10 +155,10 @@ def main() -> None:
         f"median of {args.repeats} run(s) by training-loop time\n"
     )
     print(
-        "| variant | wall s | train-loop s | samples/s | ms/step | GFLOP/s | peak RSS MiB | test acc % "
+        "| variant | wall s | CPU s | train-loop s | samples/s | ms/step | GFLOP/s | peak RSS MiB | test acc % "
         "| c/a and c/b (wall / loop) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     configs = HERE.parent / "configs"
     epochs_shown = []  # (row name, each epoch's seconds), printed under the table
     variants_of = {"": None}  # each (c) runs in these environments: as installed, and those asked for
