@@ -35,9 +35,10 @@ def threads() -> int:
     """Every command's intra-op thread policy: one thread, unless OMP_NUM_THREADS says otherwise.
 
     This MLP's matmuls are too small to share out, and threads that wait for a core another process holds
-    cost far more than they give: a default fit beside one busy process collapses on two threads and not on
-    one (benchmarks/busy.py; its figures are in benchmarks/README.md). The count is part of what a seed
-    reproduces (the order of sums), so fit records it in metrics.json. Returns the count in use.
+    cost far more than they give. On 2 cores, beside one busy process, a default fit took 13.3 s on one
+    thread and 36.6 s on two; quiet, 13.4 s and 12.2 s (benchmarks/busy.py, medians of 3). The count is
+    part of what a seed reproduces (the order of sums), so fit records it in metrics.json.
+    Returns the count in use.
     """
     import torch
 
