@@ -144,7 +144,8 @@ def test_best_and_last_mean_the_newest_runs_checkpoints_in_every_command(word, r
     export.cli_main(["--ckpt_path", word, "--format", "torchscript"])
     assert capsys.readouterr().out.startswith(f"wrote {ckpt.with_suffix('.pt')} (torchscript, ")
     pixels = load_split(Path(result["data"]["data_dir"]) / "MNIST" / "raw", "test")[0][:20].float()
-    assert torch.jit.load(ckpt.with_suffix(".pt"))(pixels).argmax(1).tolist() == digits
+    logits, _ = torch.jit.load(ckpt.with_suffix(".pt"))(pixels)  # and the calibrated probabilities
+    assert logits.argmax(1).tolist() == digits
 
     server.cli_main(["--ckpt_path", word, "--port", "0"])
     assert capsys.readouterr().out.startswith(f"serving {ckpt} at http://127.0.0.1:")
