@@ -8,7 +8,8 @@ from conftest import FAST
 from mnist_lightning.augment import translate
 from mnist_lightning.data import MNISTDataModule
 from mnist_lightning.errors import UserError
-from mnist_lightning.net import MNIST_MEAN, MNIST_STD, normalise
+from mnist_lightning.files.idx import STATS
+from mnist_lightning.net import normalise
 
 
 def shifted(image: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
@@ -57,7 +58,7 @@ def test_the_hook_shifts_training_batches_only_with_the_background_of_the_normal
     dm.trainer.training = True
     images, labels = dm.on_after_batch_transfer(batch, 0)
     assert labels is batch[1] and images.shape == batch[0].shape and not torch.equal(images, batch[0])
-    background = normalise(torch.zeros(()), MNIST_MEAN, MNIST_STD)  # a 0 pixel, normalised
+    background = normalise(torch.zeros(()), *STATS["mnist"])  # a 0 pixel, normalised
     moved_in = images == background
     assert moved_in.sum() > (batch[0] == background).sum() and images.min() == background
     again = dm.on_after_batch_transfer(batch, 0)[0]

@@ -19,12 +19,18 @@ from mnist_lightning import calibration
 from mnist_lightning.cli import command
 from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.files.checkpoints import load_checkpoint, resolve_checkpoint
-from mnist_lightning.files.idx import load_split, raw_dir
+from mnist_lightning.files.idx import STATS, load_split, raw_dir
 from mnist_lightning.files.outputs import write_output
-from mnist_lightning.net import MNIST_MEAN, MNIST_STD, normalise
+from mnist_lightning.net import normalise
 
 # For a checkpoint that lacks one of them: fit's defaults.
-FIT_DEFAULTS = {"data_dir": "data", "dataset": "mnist", "eval_batch_size": 1000, "mean": MNIST_MEAN, "std": MNIST_STD}
+FIT_DEFAULTS = {
+    "data_dir": "data",
+    "dataset": "mnist",
+    "eval_batch_size": 1000,
+    "mean": STATS["mnist"][0],
+    "std": STATS["mnist"][1],
+}
 
 
 @dataclass(frozen=True)

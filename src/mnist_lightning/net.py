@@ -4,8 +4,6 @@ checkpoint need, no Lightning."""
 import torch
 from torch import nn
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the 60k training pixels scaled to [0, 1]
-
 
 class MLP(nn.Sequential):
     """The classic 784-128-64-10 multilayer perceptron with ReLU."""
