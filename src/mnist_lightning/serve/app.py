@@ -61,6 +61,12 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return bytes(body)
 
 
+def check_key(request: Request, api_key: str | None) -> None:
+    """The routes that compute need the key, if the server has one; the page, health and metadata do not."""
+    if api_key and not hmac.compare_digest(request.headers.get("x-api-key", "").encode(), api_key.encode()):
+        raise BadRequest(401, "missing or wrong API key; send it in the X-API-Key header")
+
+
 def multipart_file(body: bytes, content_type: str) -> bytes:
     """The first file in a multipart/form-data body, parsed in memory (Starlette's form() spools big ones to disk)."""
     boundary = parse_options_header(content_type)[1].get(b"boundary")
@@ -144,8 +150,7 @@ def create_app(
 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
-        if api_key and not hmac.compare_digest(request.headers.get("x-api-key", "").encode(), api_key.encode()):
-            raise BadRequest(401, "missing or wrong API key; send it in the X-API-Key header")
+        check_key(request, api_key)
         content_type = request.headers.get("content-type", "").strip()
         kind = content_type.split(";")[0].strip().lower()  # the type is case-blind; a multipart boundary is not
         if not (kind in RAW_TYPES or kind.startswith("image/") or kind == "multipart/form-data"):
@@ -166,6 +171,9 @@ def create_app(
             raise BadRequest(422, f"{err}", blank=str(err).startswith("no digit found")) from None
         return JSONResponse(answer(image, classify(net, mean, std, image, temperature)))
 
+    from mnist_lightning.serve.v2 import v2_router  # here: v2 builds on this module's errors and body reading
+
+    app.include_router(v2_router(net, mean, std, temperature=temperature, api_key=api_key, max_bytes=max_bytes))
     return app
 
 
