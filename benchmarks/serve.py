@@ -2,15 +2,18 @@
 
 Starts ``python -m mnist_lightning.serve`` on a free loopback port with 1 and 2 workers and sends it
 28x28 PNGs (MNIST test digits) and photo-sized JPEGs (those digits drawn large on 12-megapixel
-paper) at 1, 8, 32 and 128 connections. The load comes from wrk when it is installed (C: it takes far
+paper) at 1, 8, 32 and 128 connections, then batches of those digits to the Open Inference Protocol's
+infer route, as JSON and as binary tensors. The load comes from wrk when it is installed (C: it takes far
 less of the CPU it shares with the server than a Python client), else from an asyncio client. Prints
 markdown tables: requests/s, p50/p95/p99 latency and errors per row, and beside them the same images'
-in-process throughput, predict's path, and what one request's work costs without HTTP.
+in-process throughput, predict's path, and what one request's work costs without HTTP; for infer, the
+images/s against the same network on the same batch in-process.
 """
 
 import argparse
 import asyncio
 import io
+import json
 import shutil
 import statistics
 import subprocess
@@ -30,14 +33,16 @@ from mnist_lightning.files.idx import load_split
 from mnist_lightning.files.images import read_image
 from mnist_lightning.net import normalise
 from mnist_lightning.serve.app import answer, as_png, classify
+from mnist_lightning.serve.v2 import infer_batch
 
+V2_INFER = "/v2/models/mnist/infer"
 # wrk's Lua: each thread cycles through the bodies; done() prints the totals and exact percentiles.
 WRK_SCRIPT = """
 local bodies, i = {}, 0
-for n, path in ipairs({%s}) do local f = io.open(path, "rb"); bodies[n] = f:read("*a"); f:close() end
+for n, path in ipairs({%(files)s}) do local f = io.open(path, "rb"); bodies[n] = f:read("*a"); f:close() end
 request = function()
   i = i %% #bodies + 1
-  return wrk.format("POST", "/predict", {["Content-Type"] = "%s"}, bodies[i])
+  return wrk.format("POST", "%(path)s", {%(headers)s}, bodies[i])
 end
 done = function(s, latency)
   local e = s.errors
@@ -48,8 +53,7 @@ end
 """
 
 
-def images(data_dir: Path, pngs: int, jpegs: int) -> dict[str, tuple[str, list[bytes]]]:
-    digits = load_split(data_dir / "MNIST" / "raw", "test")[0][:, 0].numpy()
+def images(digits: np.ndarray, pngs: int, jpegs: int) -> dict[str, tuple[str, list[bytes]]]:
     rng = np.random.default_rng(0)
     photos = []
     for digit in digits[:jpegs]:
@@ -115,6 +119,39 @@ def in_process(ckpt: str, bodies: list[bytes]) -> tuple[str, float]:
     ), request_rate
 
 
+def infer_request(digits: np.ndarray, batch: int, binary: bool) -> tuple[bytes, dict[str, str]]:
+    """An infer body and its headers for ``batch`` digits as FP32 [N, 1, 28, 28], as tritonclient sends them:
+    all outputs asked for, in the input's encoding."""
+    pixels = np.resize(digits, (batch, 1, 28, 28)).astype("<f4")
+    tensor = {"name": "pixels", "shape": list(pixels.shape), "datatype": "FP32"}
+    if binary:
+        data = pixels.tobytes()
+        tensor["parameters"] = {"binary_data_size": len(data)}
+    else:
+        data, tensor["data"] = b"", pixels.ravel().tolist()
+    header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": binary}}).encode()
+    if not binary:
+        return header, {"Content-Type": "application/json"}
+    return header + data, {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(header)),
+    }
+
+
+def v2_in_process(ckpt: str, digits: np.ndarray, batches: list[int]) -> dict[int, float]:
+    """Images/s of infer's own computation (normalise, one forward, softmax) on each batch, without HTTP,
+    on 1 torch thread as each server process runs."""
+    net, (mean, std), saved = load_checkpoint(ckpt, quiet=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rates = {}
+    for batch in batches:
+        pixels = np.resize(digits, (batch, 28 * 28)).astype(np.float32)
+        rates[batch] = passes(lambda pixels: infer_batch(net, mean, std, saved["temperature"], pixels), pixels)
+    torch.set_num_threads(threads)
+    return rates
+
+
 class Server:
     def __init__(self, ckpt: str, workers: int):
         command = [sys.executable, "-m", "mnist_lightning.serve", "--ckpt_path", ckpt, "--port", "0"]
@@ -135,9 +172,10 @@ class Server:
         self.proc.wait(timeout=30)
 
 
-def with_wrk(url: str, content_type: str, files: list[Path], connections: int, seconds: float):
+def with_wrk(url: str, path: str, headers: dict, files: list[Path], connections: int, seconds: float):
     script = files[0].parent / "post.lua"
-    script.write_text(WRK_SCRIPT % (", ".join(f'"{f}"' for f in files), content_type))
+    lua_headers = ", ".join(f'["{name}"] = "{value}"' for name, value in headers.items())
+    script.write_text(WRK_SCRIPT % {"files": ", ".join(f'"{f}"' for f in files), "path": path, "headers": lua_headers})
     threads = min(2, connections)
     command = [
         "wrk",
@@ -155,10 +193,12 @@ def with_wrk(url: str, content_type: str, files: list[Path], connections: int, s
     return requests, requests / (micros / 1e6), failed + bad_status, [p50 / 1000, p95 / 1000, p99 / 1000]
 
 
-async def with_asyncio(url: str, content_type: str, bodies: list[bytes], connections: int, seconds: float):
+async def with_asyncio(url: str, path: str, headers: dict, bodies: list[bytes], connections: int, seconds: float):
     host, port = url.split("//")[1].rstrip("/").split(":")
-    head = f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: %d\r\n\r\n"
-    messages = [(head % len(body)).encode() + body for body in bodies]
+    lines = "".join(f"{name}: {value}\r\n" for name, value in {"Host": host, **headers}.items())
+    messages = [
+        f"POST {path} HTTP/1.1\r\n{lines}Content-Length: {len(body)}\r\n\r\n".encode() + body for body in bodies
+    ]
     latencies, errors, deadline = [], [0], time.perf_counter() + seconds
     limit = 200_000  # the count bound, beside the time bound
 
@@ -172,7 +212,8 @@ async def with_asyncio(url: str, content_type: str, bodies: list[bytes], connect
                 start = time.perf_counter()
                 writer.write(messages[n % len(messages)])
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                # The line's start, as Inference-Header-Content-Length ends the same way.
+                length = int(head.lower().split(b"\r\ncontent-length:")[1].split(b"\r\n")[0])
                 await reader.readexactly(length)
                 latencies.append(time.perf_counter() - start)
                 errors[0] += not head.startswith(b"HTTP/1.1 200")
@@ -192,11 +233,11 @@ async def with_asyncio(url: str, content_type: str, bodies: list[bytes], connect
     return len(latencies), len(latencies) / elapsed, errors[0], list(p)
 
 
-def load(client: str, server: Server, content_type: str, files: list[Path], connections: int, seconds: float):
+def load(client: str, server: Server, files: list[Path], connections: int, seconds: float, path: str, headers: dict):
     if client == "wrk":
-        return with_wrk(server.url, content_type, files, connections, seconds)
+        return with_wrk(server.url, path, headers, files, connections, seconds)
     bodies = [f.read_bytes() for f in files]
-    return asyncio.run(with_asyncio(server.url, content_type, bodies, connections, seconds))
+    return asyncio.run(with_asyncio(server.url, path, headers, bodies, connections, seconds))
 
 
 def main() -> None:
@@ -209,28 +250,44 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--pngs", type=int, default=256, help="distinct 28x28 PNGs sent round-robin")
     parser.add_argument("--jpegs", type=int, default=4, help="distinct photo-sized JPEGs")
+    parser.add_argument("--v2_batches", type=int, nargs="+", default=[1, 256], help="images per infer request")
+    parser.add_argument("--v2_connections", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--client", choices=["wrk", "asyncio"], default="wrk" if shutil.which("wrk") else "asyncio")
     args = parser.parse_args()
-    sets = images(Path(args.data_dir), args.pngs, args.jpegs)
+    digits = load_split(Path(args.data_dir) / "MNIST" / "raw", "test")[0][:, 0].numpy()
+    sets = images(digits, args.pngs, args.jpegs)
     ceilings = {name: in_process(args.ckpt, bodies) for name, (_, bodies) in sets.items()}
-    rows = {name: [] for name in sets}
+    v2_ceilings = v2_in_process(args.ckpt, digits, args.v2_batches)
+    rows, v2_rows = {name: [] for name in sets}, []
     with tempfile.TemporaryDirectory() as folder:
         files = {name: [Path(folder, f"{name[:5]}{i}") for i in range(len(sets[name][1]))] for name in sets}
         for name, (_, bodies) in sets.items():
             for path, body in zip(files[name], bodies, strict=True):
                 path.write_bytes(body)
+        infers = {}  # (tensors, batch) -> the body's file and its headers
+        for tensors in ("binary", "JSON"):
+            for batch in args.v2_batches:
+                body, headers = infer_request(digits, batch, tensors == "binary")
+                infers[tensors, batch] = Path(folder, f"infer-{tensors}-{batch}"), headers
+                infers[tensors, batch][0].write_bytes(body)
+        png = {"Content-Type": "image/png"}
         for workers in args.workers:
             server = Server(args.ckpt, workers)
             try:
-                load(args.client, server, "image/png", files["28x28 PNGs"], 8, 1)  # warm-up, not shown
+                load(args.client, server, files["28x28 PNGs"], 8, 1, "/predict", png)  # warm-up, not shown
                 for name, (content_type, _) in sets.items():
                     for connections in args.connections:
                         # Long enough for each connection's requests to come back a few times, at the
                         # in-process rate: 128 photos in flight take 10-20 s each to come back.
                         wait = 3 * connections / (workers * ceilings[name][1])
                         seconds = min(max(args.seconds, wait), args.max_seconds)
-                        result = load(args.client, server, content_type, files[name], connections, seconds)
+                        headers = {"Content-Type": content_type}
+                        result = load(args.client, server, files[name], connections, seconds, "/predict", headers)
                         rows[name].append((workers, connections, seconds, *result))
+                for (tensors, batch), (path, headers) in infers.items():
+                    for connections in args.v2_connections:
+                        result = load(args.client, server, [path], connections, args.seconds, V2_INFER, headers)
+                        v2_rows.append((workers, connections, tensors, batch, args.seconds, *result))
             finally:
                 server.stop()
     client = "wrk" if args.client == "wrk" else "an asyncio client (wrk is not installed)"
@@ -243,6 +300,21 @@ def main() -> None:
         for workers, connections, seconds, count, rate, errors, latency in rows[name]:
             cells = [workers, connections, f"{rate:,.1f}", *(f"{ms:,.1f}" for ms in latency), errors, f"{count:,}"]
             print("| " + " | ".join(map(str, cells)) + f" | {seconds:.0f} |")
+    print(f"\n### Open Inference Protocol: POST {V2_INFER}, FP32 pixels [N, 1, 28, 28]; load from {client}")
+    each = ", ".join(f"batch {batch} {rate:,.0f} images/s" for batch, rate in v2_ceilings.items())
+    print(
+        f"\nIn-process, no HTTP: infer's computation on the same batch, on 1 thread as each server process: {each}.\n"
+    )
+    print(
+        "| workers | connections | tensors | batch | requests/s | images/s | of in-process | p50 ms | p95 ms | p99 ms "
+        "| errors | requests | seconds |"
+    )
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for workers, connections, tensors, batch, seconds, count, rate, errors, latency in v2_rows:
+        share = f"{100 * rate * batch / v2_ceilings[batch]:.0f}%"
+        cells = [workers, connections, tensors, batch, f"{rate:,.1f}", f"{rate * batch:,.0f}", share]
+        cells += [*(f"{ms:,.1f}" for ms in latency), errors, f"{count:,}", f"{seconds:.0f}"]
+        print("| " + " | ".join(map(str, cells)) + " |")
 
 
 if __name__ == "__main__":

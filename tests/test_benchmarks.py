@@ -80,7 +80,7 @@ def test_serve_prints_a_table_per_image_kind(data_dir, trained_ckpt, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "serve.py"), str(trained_ckpt), str(data_dir)]
         + ["--seconds", "1", "--max_seconds", "2", "--connections", "2", "--workers", "1", "--pngs", "4"]
-        + ["--jpegs", "1", "--client", "asyncio"],
+        + ["--jpegs", "1", "--client", "asyncio", "--v2_batches", "1", "3", "--v2_connections", "2"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -90,6 +90,14 @@ def test_serve_prints_a_table_per_image_kind(data_dir, trained_ckpt, tmp_path):
     assert proc.stdout.count("| workers | connections | requests/s |") == 2
     rows = re.findall(r"^\| 1 \| 2 \| ([\d,.]+) \|.*\| (\d+) \| [\d,]+ \| \d+ \|$", proc.stdout, re.M)
     assert len(rows) == 2 and all(float(rate.replace(",", "")) > 0 and errors == "0" for rate, errors in rows)
+    # The infer rows: binary and JSON tensors at each batch, all answered; images/s is requests/s x batch.
+    row = r"^\| 1 \| 2 \| (binary|JSON) \| (\d) \| ([\d,.]+) \| ([\d,]+) \| \d+% \|.*\| (\d+) \| [\d,]+ \| \d+ \|$"
+    infers = [
+        (tensors, int(batch), float(rate.replace(",", "")), int(images.replace(",", "")), errors)
+        for tensors, batch, rate, images, errors in re.findall(row, proc.stdout, re.M)
+    ]
+    assert [row[:2] for row in infers] == [("binary", 1), ("binary", 3), ("JSON", 1), ("JSON", 3)]
+    assert all(errors == "0" and abs(images - rate * batch) <= batch for _, batch, rate, images, errors in infers)
 
 
 @pytest.mark.slow  # it asks a fresh process, which imports Lightning (5 s of CPU)
