@@ -284,6 +284,13 @@ def main() -> None:
                         headers = {"Content-Type": content_type}
                         result = load(args.client, server, files[name], connections, seconds, "/predict", headers)
                         rows[name].append((workers, connections, seconds, *result))
+            finally:
+                server.stop()
+            # A fresh server: the photos still queued from the last row above held up the first infer rows.
+            server = Server(args.ckpt, workers)
+            try:
+                warm_up, headers = infers["binary", args.v2_batches[0]]
+                load(args.client, server, [warm_up], 8, 1, V2_INFER, headers)  # not shown
                 for (tensors, batch), (path, headers) in infers.items():
                     for connections in args.v2_connections:
                         result = load(args.client, server, [path], connections, args.seconds, V2_INFER, headers)
