@@ -1,11 +1,8 @@
-"""Resumes that are refused leave the run as it was; a run folder is held by one process at a time; a
-run stopped in its final test keeps its figures (see docs/reliability.md)."""
+"""Resumes that are refused leave the run as it was; a run stopped in its final test keeps its figures (see
+docs/reliability.md). The run folder's lock: tests/test_locks.py."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 from lightning.pytorch import Callback
@@ -47,22 +44,6 @@ def test_a_refused_resume_changes_nothing_in_the_run(run, data_dir, unfinished, 
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         resume(data_dir, run, *args)
     assert snapshot(run.parent) == before  # no config.yaml rewritten, no events file added
-
-
-def test_a_run_in_use_is_refused_naming_the_process_and_a_stale_lock_is_taken_over(run, data_dir):
-    (run / "metrics.json").unlink()  # stopped in its final test, so resuming it tests it
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (run / ".lock").write_text(f"{holder.pid} {os.uname().nodename}")
-        before = snapshot(run.parent)
-        with pytest.raises(UserError, match=f"version_0 is in use by process {holder.pid} on "):
-            resume(data_dir, run)
-        assert snapshot(run.parent) == before
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    resume(data_dir, run)  # the holder is gone: its lock is stale
-    assert (run / "metrics.json").is_file()
 
 
 class CtrlCInTest(Callback):

@@ -1,13 +1,11 @@
 """Run folders: which one a run writes to, resuming a run as it was configured, and cleaning up after a
 failure without ever deleting what this process did not write; checkpoints written atomically."""
 
-import atexit
 import contextlib
 import errno
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import torch
@@ -17,10 +15,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mnist_lightning.errors import UserError
 from mnist_lightning.files.checkpoints import resolve_checkpoint
+from mnist_lightning.files.lock import LOCK
 from mnist_lightning.files.outputs import atomic_write, disk_error
 
 # What a run writes into its folder; a failed run's folder holding anything else is left alone.
-LOCK = ".lock"  # held while a run writes to its folder
 RUN_FILES = ("config.yaml", "hparams.yaml", "metrics.json", "events.out.tfevents.*", "checkpoints/*.ckpt", LOCK)
 
 
@@ -125,58 +123,6 @@ def claim_version(root: Path) -> int:
         raise UserError(
             f"cannot create a run folder in {root}/ ({err.strerror}); pass --trainer.default_root_dir DIR you can write"
         ) from None
-
-
-def lock(folder: Path) -> None:
-    """Take the run folder for this process: a second run resuming it at once is refused, naming the first.
-
-    The lock is a file made with O_EXCL, holding ``PID HOST``, and deleted at exit. One left by a
-    process that no longer runs on this host (killed with -9) is taken over.
-    """
-    path, me = folder / LOCK, f"{os.getpid()} {socket.gethostname()}"
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = path.read_text()
-            except FileNotFoundError:  # released meanwhile
-                continue
-            pid, _, host = holder.partition(" ")
-            if holder == me:  # this process, resuming in-process a run it made (tests do)
-                return
-            if host == socket.gethostname() and pid.isdigit() and not _running(int(pid)):
-                path.unlink(missing_ok=True)  # stale
-                continue
-            raise UserError(
-                f"{folder} is in use by process {pid} on {host}: wait for that run to end, or, if no such "
-                f"process runs, delete {path}"
-            ) from None
-        except OSError as err:
-            raise UserError(f"cannot write to {folder} ({err.strerror}); pass --trainer.default_root_dir DIR") from None
-        with os.fdopen(fd, "w") as file:
-            file.write(me)
-        atexit.register(_unlock, path, me)
-        return
-    raise UserError(f"could not take {path}: other processes keep taking it; try again")
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _unlock(path: Path, me: str) -> None:
-    try:
-        if path.read_text() == me:
-            path.unlink()
-    except OSError:
-        pass
 
 
 def release(folder: Path) -> None:

@@ -21,6 +21,7 @@ from mnist_lightning.cli import prog, safe_yaml, usage_error
 from mnist_lightning.errors import UserError
 from mnist_lightning.files import runs
 from mnist_lightning.files.checkpoints import load_checkpoint
+from mnist_lightning.files.lock import lock
 from mnist_lightning.training import speedups
 from mnist_lightning.training.calibration import TemperatureScaling
 from mnist_lightning.training.callbacks import EpochBar, EpochCheckpoint, EpochTimer, ProcessGroupTeardown
@@ -164,7 +165,7 @@ class MNISTCLI(LightningCLI):
             self.claimed = root / f"version_{version}" if created else None
             if version is not None and not rank_zero_only.rank:  # the other ranks log into rank zero's folder
                 try:
-                    runs.lock(root / f"version_{version}")
+                    lock(root / f"version_{version}")
                 except UserError:
                     if self.claimed:
                         runs.release(self.claimed)
