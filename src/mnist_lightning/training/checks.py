@@ -2,12 +2,15 @@
 
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
 
 from mnist_lightning.errors import UserError
+
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class RunChecks(Callback):
@@ -137,3 +140,31 @@ def check_one_cycle(trainer: Trainer, pl_module, checkpoint: dict) -> None:
         f"({cause}); a one-cycle schedule cannot be stretched: resume with the options it was started with, "
         "or start a new run"
     )
+
+
+def check_options(config) -> None:
+    """What no signature says, for every option at once, before anything is created: a folder or path is local.
+
+    Lightning and fsspec would take a URL such as ``s3://b/runs`` for a folder, but fit's run folders,
+    locks and checkpoint writes are local files: ``memory://runs`` would make a folder named ``memory:``.
+    """
+    for key, value in _leaves(config, ""):
+        option = "--" + key.replace(".init_args.", ".")  # jsonargparse takes --trainer.logger.save_dir
+        name = key.rsplit(".", 1)[-1]
+        if isinstance(value, str) and name.endswith(("dir", "dirpath", "path")) and URL.match(value):
+            raise UserError(
+                f"{option} {value}: fit reads and writes local folders only, not URLs; pass a folder "
+                "(a bucket mounted as one works)"
+            )
+
+
+def _leaves(value, key: str):
+    """(dotted key, value) for each option in a parsed config, into lists of classes (--trainer.callbacks)."""
+    if hasattr(value, "items") and not isinstance(value, str):
+        for name, inner in value.items():
+            yield from _leaves(inner, f"{key}.{name}" if key else name)
+    elif isinstance(value, list | tuple):
+        for index, inner in enumerate(value):
+            yield from _leaves(inner, f"{key}[{index}]")
+    else:
+        yield key, value

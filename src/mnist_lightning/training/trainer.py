@@ -25,7 +25,7 @@ from mnist_lightning.files.lock import lock
 from mnist_lightning.training import speedups
 from mnist_lightning.training.calibration import TemperatureScaling
 from mnist_lightning.training.callbacks import EpochBar, EpochCheckpoint, EpochTimer, ProcessGroupTeardown
-from mnist_lightning.training.checks import RunChecks
+from mnist_lightning.training.checks import RunChecks, check_options
 from mnist_lightning.training.tensorboard import RunLogger, RunReport
 
 # fit's defaults beyond the signatures' (the sweep parses with them too). The tutorial's five epochs;
@@ -108,6 +108,7 @@ class MNISTCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
+        check_options(self.config)
         seed = self.config.seed_everything
         if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
             # numpy's bound, which Lightning would raise a traceback about
@@ -123,6 +124,7 @@ class MNISTCLI(LightningCLI):
         saved = runs.saved_config(ckpt_path) if ckpt_path else None
         if saved:  # a resume continues the run as it was configured, the options given on top
             super().parse_arguments(parser, ["--config", str(saved), *args, "--ckpt_path", ckpt_path])
+            check_options(self.config)  # a config.yaml edited by hand
         self.config.ckpt_path = ckpt_path
 
     def instantiate_classes(self) -> None:
