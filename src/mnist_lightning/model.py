@@ -46,7 +46,7 @@ class MNISTClassifier(L.LightningModule):
         super().__init__()
         if not 0 < min(hidden1, hidden2) <= max(hidden1, hidden2) < 2**31:  # beyond: terabytes of weights
             raise UserError(f"hidden sizes must be 1 to 2^31 - 1, got {hidden1} and {hidden2}")
-        if lr <= 0 or weight_decay < 0:
+        if not (lr > 0 and weight_decay >= 0):  # so that NaN fails too
             raise UserError(f"lr must be positive and weight_decay not negative, got {lr} and {weight_decay}")
         if not 0 < warmup < 1:
             raise UserError(f"warmup must be a fraction of the steps, in (0, 1), got {warmup}")

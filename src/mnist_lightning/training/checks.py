@@ -143,13 +143,16 @@ def check_one_cycle(trainer: Trainer, pl_module, checkpoint: dict) -> None:
 
 
 def check_options(config) -> None:
-    """What no signature says, for every option at once, before anything is created: a folder or path is local.
+    """What no signature says, for every option at once, before anything is created: a float is finite
+    (a NaN passes any range check, ``lr <= 0`` included), and a folder or path is local.
 
     Lightning and fsspec would take a URL such as ``s3://b/runs`` for a folder, but fit's run folders,
     locks and checkpoint writes are local files: ``memory://runs`` would make a folder named ``memory:``.
     """
     for key, value in _leaves(config, ""):
         option = "--" + key.replace(".init_args.", ".")  # jsonargparse takes --trainer.logger.save_dir
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{option} is {value}: it must be a finite number")
         name = key.rsplit(".", 1)[-1]
         if isinstance(value, str) and name.endswith(("dir", "dirpath", "path")) and URL.match(value):
             raise UserError(
