@@ -19,7 +19,10 @@ from mnist_lightning.files.lock import LOCK
 from mnist_lightning.files.outputs import atomic_write, disk_error
 
 # What a run writes into its folder; a failed run's folder holding anything else is left alone.
-RUN_FILES = ("config.yaml", "hparams.yaml", "metrics.json", "events.out.tfevents.*", "checkpoints/*.ckpt", LOCK)
+SLURM_JOB = "slurm_job"  # the SLURM job training the run, which its requeue looks for (training/slurm.py)
+RUN_FILES = (
+    *("config.yaml", "hparams.yaml", "metrics.json", "events.out.tfevents.*", "checkpoints/*.ckpt", LOCK, SLURM_JOB),
+)
 
 
 def resume_last(root: Path, logger, word: str) -> Path:

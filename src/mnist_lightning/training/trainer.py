@@ -22,7 +22,7 @@ from mnist_lightning.errors import UserError
 from mnist_lightning.files import runs
 from mnist_lightning.files.checkpoints import load_checkpoint
 from mnist_lightning.files.lock import lock
-from mnist_lightning.training import speedups
+from mnist_lightning.training import slurm, speedups
 from mnist_lightning.training.calibration import TemperatureScaling
 from mnist_lightning.training.callbacks import EpochBar, EpochCheckpoint, EpochTimer, ProcessGroupTeardown
 from mnist_lightning.training.checks import RunChecks, check_options
@@ -45,7 +45,7 @@ def build(model_class: type, datamodule_class: type, args: list[str], callbacks:
     speedups.configure()
     speedups.skip_nvml_probe()
     timer, checks = EpochTimer(), RunChecks()
-    ours = [timer, checks, TemperatureScaling(), RunReport(), ProcessGroupTeardown()]
+    ours = [timer, checks, TemperatureScaling(), RunReport(), ProcessGroupTeardown(), slurm.SlurmRequeue()]
     try:
         cli = MNISTCLI(
             model_class,
@@ -118,9 +118,11 @@ class MNISTCLI(LightningCLI):
         ckpt_path = self.config.ckpt_path
         if ckpt_path is not None and not ckpt_path.strip():
             raise UserError("--ckpt_path is empty: pass a checkpoint or 'last', or leave it out to start a new run")
+        root, logger = Path(self.config.trainer.default_root_dir or "."), self.config.trainer.logger
         if ckpt_path in ("last", "best"):
-            root = Path(self.config.trainer.default_root_dir or ".")
-            ckpt_path = str(runs.resume_last(root, self.config.trainer.logger, ckpt_path))
+            ckpt_path = str(runs.resume_last(root, logger, ckpt_path))
+        elif ckpt_path is None and logger in (None, True) and (job := slurm.job_id()):
+            ckpt_path = slurm.requeued_checkpoint(root / "lightning_logs", job)  # None on the job's first start
         saved = runs.saved_config(ckpt_path) if ckpt_path else None
         if saved:  # a resume continues the run as it was configured, the options given on top
             super().parse_arguments(parser, ["--config", str(saved), *args, "--ckpt_path", ckpt_path])
@@ -168,12 +170,14 @@ class MNISTCLI(LightningCLI):
             if version is not None and not rank_zero_only.rank:  # the other ranks log into rank zero's folder
                 try:
                     lock(root / f"version_{version}")
+                    if job := slurm.job_id():
+                        slurm.record(root / f"version_{version}", job)
                 except UserError:
                     if self.claimed:
                         runs.release(self.claimed)
                     raise
         if config.plugins is None:
-            kwargs["plugins"] = [runs.AtomicCheckpointIO()]
+            kwargs["plugins"] = [runs.AtomicCheckpointIO(), *slurm.plugins()]
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError, TypeError, ModuleNotFoundError) as err:
