@@ -78,49 +78,35 @@ def test_two_process_ddp_matches_single_process(data_dir, tmp_path):
     assert sorted(p.name for p in Path(metrics["best_model_path"]).parent.iterdir())[-1] == "last.ckpt"
 
 
-def test_two_nodes_under_torchrun(data_dir, tmp_path):
-    port = free_port()
+def two_nodes(data_dir, cwd, launch: list[str]) -> list[tuple[str, str]]:
+    """Two torchrun "nodes" of one process each on this host, started with ``launch`` (one list per node);
+    returns each one's stdout and stderr, checking that both succeeded."""
+    fit = ["-m", "mnist_lightning.fit", "--data.data_dir", str(data_dir), *HALF_TRAINED, "--trainer.accelerator"]
+    fit += ["cpu", "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "ddp"]
+    run = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
     nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--nproc_per_node",
-                "1",
-                "--node_rank",
-                str(rank),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                str(port),
-                "-m",
-                "mnist_lightning.fit",
-                "--data.data_dir",
-                str(data_dir),
-                *HALF_TRAINED,
-                "--trainer.accelerator",
-                "cpu",
-                "--trainer.devices",
-                "1",
-                "--trainer.num_nodes",
-                "2",
-                "--trainer.strategy",
-                "ddp",
-            ],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
+        subprocess.Popen([*run, *node, *fit], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in launch
     ]
     outputs = [node.communicate(timeout=300) for node in nodes]
     for node, (out, err) in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, out + err
+    return outputs
+
+
+def test_two_nodes_under_torchrun(data_dir, tmp_path):
+    port = free_port()
+    static = ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    outputs = two_nodes(data_dir, tmp_path, [["--node-rank", str(rank), *static] for rank in (0, 1)])
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1][1]
+    check_run(tmp_path, data_dir, outputs[0][0] + outputs[1][0])
+
+
+def test_two_nodes_under_torchrun_with_c10d_rendezvous(data_dir, tmp_path):
+    # What TorchX and Kubeflow start: no node ranks, the rendezvous hands them out; either node may host it.
+    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "mnist-42"]
+    outputs = two_nodes(data_dir, tmp_path, [rendezvous, rendezvous])
+    assert sum("GLOBAL_RANK: 1, MEMBER: 2/2" in err for _, err in outputs) == 1
     check_run(tmp_path, data_dir, outputs[0][0] + outputs[1][0])
 
 
