@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from conftest import FAST, run_module
+from mnist_lightning.errors import UserError
+from mnist_lightning.fit import cli_main
 from mnist_lightning.training import slurm
 
 # What SLURM sets in a one-task batch job that Lightning takes for SLURM (not named bash or interactive).
@@ -115,3 +117,13 @@ def test_the_job_id_is_lightnings_and_none_outside_slurm(monkeypatch):
     assert slurm.job_id() == "4240_2"
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # srun --pty bash: Lightning does not take it for SLURM
     assert slurm.job_id() is None
+
+
+def test_an_hpc_checkpoint_lightning_would_restore_into_a_new_run_is_refused(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, value in SLURM.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"")  # left by Lightning's own requeue
+    with pytest.raises(UserError, match=r"hpc_ckpt_1.ckpt is a mid-epoch checkpoint of Lightning's SLURM requeue"):
+        cli_main(["--data.data_dir", str(data_dir), *FAST])
+    assert not (tmp_path / "lightning_logs").exists()

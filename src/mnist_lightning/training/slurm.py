@@ -22,6 +22,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from mnist_lightning.errors import UserError
 from mnist_lightning.files.runs import SLURM_JOB
 
 
@@ -58,6 +59,17 @@ def requeued_checkpoint(root: Path, job: str) -> str | None:
         return None
     rank_zero_info(f"SLURM job {job} was requeued: it resumes its run, {run}")
     return str(last)
+
+
+def refuse_lightnings_checkpoint(root: Path) -> None:
+    """An hpc_ckpt_N.ckpt in the root, which Lightning's own requeue wrote (before fit turned it off), would be
+    restored by Lightning into a new run, mid-epoch, whenever a SLURM job starts a fit without --ckpt_path."""
+    found = sorted(root.glob("hpc_ckpt_*.ckpt"))
+    if found:
+        raise UserError(
+            f"{found[-1]} is a mid-epoch checkpoint of Lightning's SLURM requeue, which Lightning would restore "
+            "into a new run: resume its run with --ckpt_path, or move it out of the way"
+        )
 
 
 def record(run: Path, job: str) -> None:

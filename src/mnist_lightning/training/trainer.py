@@ -121,8 +121,10 @@ class MNISTCLI(LightningCLI):
         root, logger = Path(self.config.trainer.default_root_dir or "."), self.config.trainer.logger
         if ckpt_path in ("last", "best"):
             ckpt_path = str(runs.resume_last(root, logger, ckpt_path))
-        elif ckpt_path is None and logger in (None, True) and (job := slurm.job_id()):
-            ckpt_path = slurm.requeued_checkpoint(root / "lightning_logs", job)  # None on the job's first start
+        elif ckpt_path is None and (job := slurm.job_id()):
+            slurm.refuse_lightnings_checkpoint(root)
+            if logger in (None, True):
+                ckpt_path = slurm.requeued_checkpoint(root / "lightning_logs", job)  # None on the job's first start
         saved = runs.saved_config(ckpt_path) if ckpt_path else None
         if saved:  # a resume continues the run as it was configured, the options given on top
             super().parse_arguments(parser, ["--config", str(saved), *args, "--ckpt_path", ckpt_path])
