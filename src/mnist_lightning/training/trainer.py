@@ -2,7 +2,8 @@
 
 LightningCLI reads fit's options from the signatures of the model, the data and ``L.Trainer``; this
 adds the best and last checkpoints, the run folder and its lock, the callbacks every fit has
-(epoch lines, checks, the temperature, TensorBoard's report), the speedups, and resuming a run as it was configured.
+(epoch lines, checks, the temperature, TensorBoard's report, SLURM's requeue), the speedups, and resuming a run as
+it was configured, after ``--ckpt_path last`` or a SLURM requeue.
 """
 
 import re
