@@ -18,8 +18,6 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -28,6 +26,7 @@ from mnist_lightning.files.checkpoints import load_checkpoint
 from mnist_lightning.files.images import UnsupportedImage, read_image
 from mnist_lightning.net import normalise
 from mnist_lightning.serve.guard import OwnPageOnly
+from mnist_lightning.serve.uploads import BadRequest, LingeringClose, multipart_file, read_body
 
 SETTINGS_VARIABLE = "MNIST_SERVE_SETTINGS"  # how the processes of --workers N learn what to serve
 # Smaller bodies are decoded on the event loop: for a 28x28 PNG the hop to a thread costs more than the work.
@@ -41,65 +40,10 @@ PAGE_POLICY = (
 )
 
 
-class BadRequest(Exception):
-    """A request the client can fix: answered with its status and ``{"error": message, **extra}``."""
-
-    def __init__(self, status: int, message: str, **extra):
-        super().__init__(message)
-        self.status, self.body = status, {"error": message, **extra}
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    too_big = BadRequest(413, f"the upload is over the server's limit of {max_bytes:,} bytes; send a smaller image")
-    if int(request.headers.get("content-length") or 0) > max_bytes:
-        raise too_big  # refused before reading any of it
-    body = bytearray()
-    async for chunk in request.stream():  # a chunked upload has no length to check up front
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_big
-    return bytes(body)
-
-
 def check_key(request: Request, api_key: str | None) -> None:
     """The routes that compute need the key, if the server has one; the page, health and metadata do not."""
     if api_key and not hmac.compare_digest(request.headers.get("x-api-key", "").encode(), api_key.encode()):
         raise BadRequest(401, "missing or wrong API key; send it in the X-API-Key header")
-
-
-def multipart_file(body: bytes, content_type: str) -> bytes:
-    """The first file in a multipart/form-data body, parsed in memory (Starlette's form() spools big ones to disk)."""
-    boundary = parse_options_header(content_type)[1].get(b"boundary")
-    if not boundary:
-        raise BadRequest(400, "malformed multipart upload: its Content-Type has no boundary")
-    parts: list[tuple[dict[bytes, bytes], bytearray]] = []  # each part's headers and data
-    field, value, finished = bytearray(), bytearray(), []
-
-    def header_end() -> None:
-        parts[-1][0][bytes(field).lower()] = bytes(value)
-        field.clear()
-        value.clear()
-
-    callbacks = {
-        "on_part_begin": lambda: parts.append(({}, bytearray())),
-        "on_header_field": lambda data, start, end: field.extend(data[start:end]),
-        "on_header_value": lambda data, start, end: value.extend(data[start:end]),
-        "on_header_end": header_end,
-        "on_part_data": lambda data, start, end: parts[-1][1].extend(data[start:end]),
-        "on_end": lambda: finished.append(True),
-    }
-    try:
-        parser = MultipartParser(boundary, callbacks)
-        parser.write(body)
-        parser.finalize()
-    except MultipartParseError as err:
-        raise BadRequest(400, f"malformed multipart upload ({err}); send the image as -F file=@digit.png") from None
-    if not finished:
-        raise BadRequest(400, "malformed multipart upload: it ends before its closing boundary")
-    for headers, data in parts:
-        if b"filename" in parse_options_header(headers.get(b"content-disposition", b""))[1]:
-            return bytes(data)
-    raise BadRequest(400, "the multipart upload holds no file; send the image as a file field: -F file=@digit.png")
 
 
 def create_app(
@@ -126,11 +70,12 @@ def create_app(
         app.add_middleware(
             CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"], allow_headers=["*"]
         )
-    app.add_middleware(OwnPageOnly, hosts=hosts or {"*"}, cors_origins=list(cors_origins))  # the outermost
+    app.add_middleware(OwnPageOnly, hosts=hosts or {"*"}, cors_origins=list(cors_origins))
+    app.add_middleware(LingeringClose)  # the outermost: every answer given before its body was read
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, err: BadRequest) -> JSONResponse:
-        return JSONResponse(err.body, status_code=err.status)
+        return JSONResponse(err.body, status_code=err.status, headers=err.headers)
 
     @app.exception_handler(HTTPException)  # Starlette's own 404 and 405, as JSON like the rest
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
