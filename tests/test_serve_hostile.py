@@ -140,6 +140,102 @@ def test_a_body_too_big_to_read_is_cut_off_and_the_server_serves_on(server, mark
     healthy(server, mark)
 
 
+def test_a_client_that_hangs_up_mid_upload_leaves_nothing_in_the_log(server, mark):
+    for length, sent in ((5_000_000, 2_000_000), (100_000, 10), (1000, 0)):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            head = f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: {length}"
+            sock.sendall(head.encode() + b"\r\n\r\n" + bytes(sent))
+        time.sleep(0.2)  # the server notices the hang-up
+    healthy(server, mark)
+
+
+PNG = encoded(bar(4))
+PART = b'--b0\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n' + PNG + b"\r\n"
+FORM = "multipart/form-data; boundary=b0"
+
+
+def hostile_forms() -> dict[str, tuple[int, bytes, str]]:
+    """Multipart bodies, well-formed or not, by name: (status, body, Content-Type)."""
+    text = b'--b0\r\nContent-Disposition: form-data; name="note"\r\n\r\n'
+    return {
+        "a boundary over the parser's 256 bytes": (400, PART + b"--b0--\r\n", f"{FORM}{'x' * 300}"),
+        "a part header without a colon": (400, b"--b0\r\nno colon here\r\n\r\nx\r\n--b0--\r\n", FORM),
+        "a part header of 10 kB": (400, b"--b0\r\nX-A: " + b"a" * 10_000 + b"\r\n\r\nx\r\n--b0--\r\n", FORM),
+        "50 part headers": (400, b"--b0\r\n" + b"X-A: a\r\n" * 50 + b"\r\nx\r\n--b0--\r\n", FORM),
+        "no CRLF after the boundary": (400, PART.replace(b"--b0\r\n", b"--b0") + b"--b0--\r\n", FORM),
+        "bare LFs": (400, (PART + b"--b0--\r\n").replace(b"\r\n", b"\n"), FORM),
+        "an empty quoted boundary": (400, PART + b"--b0--\r\n", 'multipart/form-data; boundary=""'),
+        "900,000 empty parts": (400, b"--b0\r\n\r\n\r\n" * 900_000 + PART + b"--b0--\r\n", FORM),
+        "a 5 MB text field and no file": (400, text + bytes(5_000_000) + b"\r\n--b0--\r\n", FORM),
+        "a 5 MB text field, then the file": (200, text + bytes(5_000_000) + b"\r\n" + PART + b"--b0--\r\n", FORM),
+        "two files: the first is read": (200, PART + PART.replace(PNG, b"junk") + b"--b0--\r\n", FORM),
+        "non-UTF-8 bytes in the part headers": (200, PART.replace(b'"a.png"', b'"\xe9\xff.png"') + b"--b0--\r\n", FORM),
+        "an empty file name": (200, PART.replace(b'"a.png"', b'""') + b"--b0--\r\n", FORM),
+        "an odd Content-Disposition": (200, PART.replace(b"form-data; name", b";;=;; name") + b"--b0--\r\n", FORM),
+        "a garbled charset": (200, PART + b"--b0--\r\n", "multipart/form-data; charset=\xff\xfe; boundary=b0"),
+        "a non-ASCII boundary": (200, b"--\xe9" + PART[4:] + b"--\xe9--\r\n", "multipart/form-data; boundary=\xe9"),
+    }
+
+
+@pytest.mark.parametrize("name", list(hostile_forms()))
+def test_hostile_multipart_uploads_are_answered_as_json(server, mark, name):
+    status, body, content_type = hostile_forms()[name]
+    started = time.monotonic()
+    got, answer = server.post(body, content_type)
+    assert got == status, (name, answer)
+    if status == 200:
+        assert answer["digit"] == 4
+    else:
+        assert list(answer) == ["error"] and "\n" not in answer["error"], answer
+    assert time.monotonic() - started < 2, "parsing a form took the event loop for seconds"
+    healthy(server, mark)
+
+
+def raw(line: bytes, *headers: bytes, body: bytes = b"") -> bytes:
+    """A request as bytes: its first line, a Host the server answers to, then ``headers``, then ``body``."""
+    return b"\r\n".join([line, b"Host: 127.0.0.1", *headers, b"", body])
+
+
+def hostile_requests() -> dict[str, tuple[int, bytes]]:
+    """Requests no well-behaved client sends, by name: (the status expected, the bytes sent)."""
+    post = b"POST /predict HTTP/1.1"
+    png = (b"Content-Type: image/png", b"Content-Length: %d" % len(PNG))
+    chunked = b"Transfer-Encoding: chunked"
+    return {
+        "Transfer-Encoding and Content-Length": (400, raw(post, chunked, b"Content-Length: 5", body=b"0\r\n\r\n")),
+        "a negative Content-Length": (400, raw(post, b"Content-Length: -5")),
+        "a 23-digit Content-Length": (400, raw(post, b"Content-Length: " + b"9" * 23)),
+        "a Content-Length of letters": (400, raw(post, b"Content-Length: abc")),
+        "two Content-Lengths": (400, raw(post, b"Content-Length: 3", b"Content-Length: 4", body=b"abcd")),
+        "a bad chunk size": (400, raw(post, chunked, body=b"zz\r\nabc\r\n0\r\n\r\n")),
+        "raw bytes in the path": (400, raw(b"GET /\xff\xfe HTTP/1.1")),
+        "odd escapes in the path": (404, raw(b"GET /%ff%00/..%2f..%2fetc HTTP/1.1")),
+        "odd escapes in the query": (200, raw(b"POST /predict?a=%ff%00&%fe=1 HTTP/1.1", *png, body=PNG)),
+        "OPTIONS /predict": (405, raw(b"OPTIONS /predict HTTP/1.1")),
+        "PUT /predict": (405, raw(b"PUT /predict HTTP/1.1", *png, body=PNG)),
+        "DELETE /health": (405, raw(b"DELETE /health HTTP/1.1")),
+        "a non-ASCII X-API-Key": (200, raw(post, b"X-API-Key: \xe9\xff", *png, body=PNG)),
+        "a Content-Type of 20 kB": (200, raw(post, b"Content-Type: image/" + b"p" * 20_000, png[1], body=PNG)),
+        "a garbled Content-Type": (415, raw(post, b"Content-Type: \xff\xfe;;;=", b"Content-Length: 3", body=b"abc")),
+        "HTTP/1.0": (200, raw(b"POST /predict HTTP/1.0", *png, body=PNG)),
+        "no Host": (400, raw(post, *png, body=PNG).replace(b"Host: 127.0.0.1\r\n", b"")),
+    }
+
+
+@pytest.mark.parametrize("name", list(hostile_requests()))
+def test_hostile_requests_get_their_status_and_the_server_serves_on(server, mark, name):
+    status, data = hostile_requests()[name]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(data)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        text = response.read()
+    assert response.status == status, (name, text)
+    if text.startswith(b"{"):
+        assert "\n" not in json.loads(text).get("error", "")
+    healthy(server, mark)
+
+
 def linger(headers: dict, body, **bounds) -> tuple[list, int]:
     """An app that answers 413 without reading, behind LingeringClose: what it sends, and the body bytes read.
 
