@@ -8,6 +8,8 @@ the model exactly as evaluate feeds them. predict and the server both read image
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,9 @@ from mnist_lightning.errors import UserError
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 FORMAT_NAMES = "PNG, JPEG, BMP, GIF, WebP or TIFF"
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo; anything bigger is refused as a likely decompression bomb
+# A photo's millions of pixels only slow down finding a 20 px digit: it is reduced to about this many on its
+# longest side before anything else, so that no copy of it is wider than the decoded image itself.
+DETAIL = 1000
 INK = 64  # of 255: fainter pixels (paper texture, JPEG noise) do not widen the digit's box
 
 
@@ -41,11 +46,23 @@ def grayscale(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.float32)
 
 
+def smaller(image: Image.Image) -> Image.Image:
+    """The image averaged down by a whole factor to about DETAIL px on its longest side (as it is if smaller)."""
+    if (factor := max(image.size) // DETAIL) <= 1:
+        return image
+    # Pillow averages neither palette indices nor 16-bit or 1-bit pixels: those become the mode grayscale reads.
+    if "transparency" in image.info or image.mode == "PA":
+        image = image.convert("RGBA")
+    elif image.mode in ("1", "P"):
+        image = image.convert("L")
+    elif image.mode.startswith("I;16"):
+        image = image.convert("I")
+    return image.reduce(factor)
+
+
 def preprocess(image: Image.Image) -> np.ndarray:
-    """One image of any size and mode -> the 28x28 uint8 white-on-black digit the model sees."""
-    gray = grayscale(ImageOps.exif_transpose(image))  # phone photos store their rotation in EXIF
-    if (factor := max(gray.shape) // 1000) > 1:  # a photo's millions of pixels only slow down a 20 px digit
-        gray = np.asarray(Image.fromarray(gray, "F").reduce(factor))
+    """One upright image of any size and mode -> the 28x28 uint8 white-on-black digit the model sees."""
+    gray = grayscale(smaller(image))
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     background = np.median(border)
     if background > 127:
@@ -74,21 +91,13 @@ class UnsupportedImage(UserError):
     """A file that is none of the decoded FORMATS (the server answers it with 415)."""
 
 
-def read_image(source: Path | bytes) -> np.ndarray:
-    """Open and preprocess one file, or its bytes (an upload); a UserError says in a few words why it can't be.
-
-    Only the decoders of ``FORMATS`` are used, whatever the file claims to be.
-    """
+@contextmanager
+def image_errors() -> Iterator[None]:
+    """Whatever goes wrong in opening or decoding a file, as a UserError that says in a few words why."""
     try:
-        if (len(source) if isinstance(source, bytes) else source.stat().st_size) == 0:
-            raise UserError("empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    raise Image.DecompressionBombError
-                image.load()
-                return preprocess(image)
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserError(f"over {MAX_PIXELS:,} pixels, refused as a possible decompression bomb") from None
     except UnidentifiedImageError:
@@ -99,3 +108,38 @@ def read_image(source: Path | bytes) -> np.ndarray:
         raise
     except Exception as err:  # a corrupt file can make a decoder fail in any way; it must not stop the rest
         raise UserError(f"corrupt image ({type(err).__name__}: {err})") from None
+
+
+def open_image(source: Path | bytes) -> Image.Image:
+    """One file, or its bytes (an upload), opened from its header alone: nothing is decoded yet.
+
+    Only the decoders of ``FORMATS`` are used, whatever the file claims to be, and only its first frame.
+    An image over MAX_PIXELS is refused here, before a pixel is allocated; a big JPEG is set to decode in
+    grayscale at 1/2 to 1/8 of its size (libjpeg's DCT scaling), so ``size`` is then what will be decoded.
+    """
+    with image_errors():
+        if (len(source) if isinstance(source, bytes) else source.stat().st_size) == 0:
+            raise UserError("empty file")
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS)
+        try:
+            if image.width * image.height > MAX_PIXELS:
+                raise Image.DecompressionBombError
+            if image.format == "JPEG" and (factor := max(image.size) // DETAIL) > 1:
+                image.draft("L", (image.width // factor, image.height // factor))
+        except BaseException:
+            image.close()
+            raise
+        return image
+
+
+def decode(image: Image.Image) -> np.ndarray:
+    """An opened image's first frame, decoded, turned upright and preprocessed."""
+    with image_errors():
+        ImageOps.exif_transpose(image, in_place=True)  # phone photos store their rotation in EXIF
+        return preprocess(image)
+
+
+def read_image(source: Path | bytes) -> np.ndarray:
+    """Open, decode and preprocess one file, or its bytes; a UserError says in a few words why it can't be."""
+    with open_image(source) as image:
+        return decode(image)
