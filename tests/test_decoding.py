@@ -1,9 +1,11 @@
 """What an image costs to decode is bounded by its header: no more memory than a few bytes a pixel, photos
-decoded small, one frame only."""
+decoded small, one frame only, and never more than a few big decodes at once on the server."""
 
+import asyncio
 import io
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -12,6 +14,9 @@ from PIL import Image, ImageDraw
 
 from mnist_lightning.errors import UserError
 from mnist_lightning.files.images import MAX_PIXELS, open_image, read_image
+from mnist_lightning.serve import decoding
+from mnist_lightning.serve.decoding import INLINE_PIXELS, Decoder
+from mnist_lightning.serve.uploads import BadRequest
 from test_predict import drawn_seven, png_claiming
 
 
@@ -74,3 +79,56 @@ def test_only_the_first_frame_of_an_animation_or_a_multi_page_file_is_read(kind)
     with Image.open(io.BytesIO(data)) as image:
         assert image.n_frames > 10  # lossy WebP merges some of them
     assert np.abs(read_image(data).astype(int) - read_image(encoded(first, kind))).max() <= 16
+
+
+def big_and_small() -> tuple[bytes, bytes]:
+    """An image over INLINE_PIXELS, decoded in a thread, and one under it, decoded on the event loop."""
+    big, small = drawn_seven().resize((400, 600)), drawn_seven().resize((100, 150))
+    assert big.width * big.height > INLINE_PIXELS > small.width * small.height
+    return encoded(big), encoded(small)
+
+
+def test_big_decodes_run_in_threads_at_most_two_at_once(monkeypatch):
+    running, most, threads = 0, 0, set()
+    lock = threading.Lock()
+    real = decoding.decode
+
+    def counted(image):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        threads.add(threading.get_ident())
+        time.sleep(0.1)
+        with lock:
+            running -= 1
+        return real(image)
+
+    monkeypatch.setattr(decoding, "decode", counted)
+    big, small = big_and_small()
+
+    async def main() -> list:
+        decoder = Decoder()
+        return await asyncio.gather(*[decoder.digit(big) for _ in range(6)], decoder.digit(small))
+
+    digits = asyncio.run(main())
+    assert most == 2 and len(digits) == 7
+    assert threading.get_ident() in threads  # the small one, on the event loop's own thread
+    assert len(threads) >= 2  # the big ones in the pool's
+
+
+def test_a_decode_that_cannot_get_a_slot_in_time_is_answered_503(monkeypatch):
+    real = decoding.decode
+    monkeypatch.setattr(decoding, "decode", lambda image: time.sleep(0.5) or real(image))
+    big, small = big_and_small()
+
+    async def main() -> list:
+        decoder = Decoder(slots=1, wait=0.1)
+        return await asyncio.gather(
+            decoder.digit(big), decoder.digit(big), decoder.digit(small), return_exceptions=True
+        )
+
+    first, second, inline = asyncio.run(main())
+    assert isinstance(first, np.ndarray) and isinstance(inline, np.ndarray)  # a small one needs no slot
+    assert isinstance(second, BadRequest) and second.status == 503
+    assert second.headers == {"Retry-After": "5"} and "busy" in second.body["error"]

@@ -1,6 +1,7 @@
 """The HTTP API and the draw-a-digit page: a FastAPI app around one checkpoint's network.
 
-Images are read by predict's own ``read_image``, so a file gets the same answer here as from predict.
+Images are read by predict's own ``open_image`` and ``decode`` (``read_image`` in two halves), so a file gets
+the same answer here as from predict.
 Uploads stay in memory: nothing is written to disk.
 """
 
@@ -18,20 +19,17 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from mnist_lightning.errors import UserError
 from mnist_lightning.files.checkpoints import load_checkpoint
-from mnist_lightning.files.images import UnsupportedImage, read_image
+from mnist_lightning.files.images import UnsupportedImage
 from mnist_lightning.net import normalise
+from mnist_lightning.serve.decoding import Decoder
 from mnist_lightning.serve.guard import OwnPageOnly
 from mnist_lightning.serve.uploads import BadRequest, LingeringClose, multipart_file, read_body
 
 SETTINGS_VARIABLE = "MNIST_SERVE_SETTINGS"  # how the processes of --workers N learn what to serve
-# Smaller bodies are decoded on the event loop: for a 28x28 PNG the hop to a thread costs more than the work.
-# A photo goes to a thread, so that its 100 ms of decoding does not hold up the small requests behind it.
-INLINE_BYTES = 64_000
 RAW_TYPES = ("", "application/octet-stream")  # besides image/*; curl --data-binary sends a form type instead
 # The page is one file with inline script and style; the policy keeps it from fetching anything else.
 PAGE_POLICY = (
@@ -64,6 +62,7 @@ def create_app(
     # collection. A full one over it took 150-160 ms here, a stall for every request in flight.
     gc.collect()
     gc.freeze()
+    decoder = Decoder()  # the cap on big decodes at once is this worker's
     page = files("mnist_lightning.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     app = FastAPI(title="mnist-lightning", docs_url=None, redoc_url=None, openapi_url=None)
     if cors_origins:  # answers the preflights of the pages allowed, and tells their browsers they may read
@@ -109,7 +108,7 @@ def create_app(
         if not data:
             raise BadRequest(400, "the upload is empty; send one image file")
         try:
-            image = read_image(data) if len(data) <= INLINE_BYTES else await run_in_threadpool(read_image, data)
+            image = await decoder.digit(data)
         except UnsupportedImage as err:
             raise BadRequest(415, f"{err}") from None
         except UserError as err:
