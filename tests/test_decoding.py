@@ -3,19 +3,21 @@ decoded small, one frame only, and never more than a few big decodes at once on 
 
 import asyncio
 import io
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 from mnist_lightning.errors import UserError
-from mnist_lightning.files.images import MAX_PIXELS, open_image, read_image
+from mnist_lightning.files.images import MAX_PIXELS, decode, open_image, read_image
 from mnist_lightning.serve import decoding
-from mnist_lightning.serve.decoding import INLINE_PIXELS, Decoder
+from mnist_lightning.serve.decoding import INLINE_BYTES, INLINE_PIXELS, Decoder
 from mnist_lightning.serve.uploads import BadRequest
 from test_predict import drawn_seven, png_claiming
 
@@ -81,52 +83,56 @@ def test_only_the_first_frame_of_an_animation_or_a_multi_page_file_is_read(kind)
     assert np.abs(read_image(data).astype(int) - read_image(encoded(first, kind))).max() <= 16
 
 
-def big_and_small() -> tuple[bytes, bytes]:
-    """An image over INLINE_PIXELS, decoded in a thread, and one under it, decoded on the event loop."""
-    big, small = drawn_seven().resize((400, 600)), drawn_seven().resize((100, 150))
-    assert big.width * big.height > INLINE_PIXELS > small.width * small.height
-    return encoded(big), encoded(small)
+def big_padded_and_small() -> tuple[bytes, bytes, bytes]:
+    """An image over INLINE_PIXELS, one of few pixels but over INLINE_BYTES (of empty text chunks, each a
+    Python call to open), both read in a thread, and one under both, read on the event loop."""
+    big, small = encoded(drawn_seven().resize((400, 600))), encoded(drawn_seven().resize((100, 150)))
+    chunks = (struct.pack(">I", 3) + b"tEXtk\0v" + struct.pack(">I", zlib.crc32(b"tEXtk\0v"))) * 2000
+    padded = small[:33] + chunks + small[33:]  # after the signature and the IHDR chunk
+    with open_image(big) as image:
+        assert image.width * image.height > INLINE_PIXELS
+    with open_image(small) as image:
+        assert image.width * image.height <= INLINE_PIXELS and len(small) <= INLINE_BYTES < len(padded)
+    return big, padded, small
 
 
-def test_big_decodes_run_in_threads_at_most_two_at_once(monkeypatch):
-    running, most, threads = 0, 0, set()
+def test_only_small_images_are_read_on_the_event_loop_and_at_most_two_in_threads(monkeypatch):
+    running, most, threads, inline = 0, 0, [], []
     lock = threading.Lock()
-    real = decoding.decode
 
-    def counted(image):
+    def counted(data: bytes):
         nonlocal running, most
         with lock:
             running += 1
             most = max(most, running)
-        threads.add(threading.get_ident())
+        threads.append(threading.get_ident())
         time.sleep(0.1)
         with lock:
             running -= 1
-        return real(image)
+        return read_image(data)
 
-    monkeypatch.setattr(decoding, "decode", counted)
-    big, small = big_and_small()
+    monkeypatch.setattr(decoding, "read_image", counted)
+    monkeypatch.setattr(decoding, "decode", lambda image: inline.append(threading.get_ident()) or decode(image))
+    big, padded, small = big_padded_and_small()
 
     async def main() -> list:
         decoder = Decoder()
-        return await asyncio.gather(*[decoder.digit(big) for _ in range(6)], decoder.digit(small))
+        return await asyncio.gather(*[decoder.digit(data) for data in [big, padded] * 3 + [small]])
 
     digits = asyncio.run(main())
-    assert most == 2 and len(digits) == 7
-    assert threading.get_ident() in threads  # the small one, on the event loop's own thread
-    assert len(threads) >= 2  # the big ones in the pool's
+    assert len(digits) == 7 and np.array_equal(digits[0], read_image(big))
+    assert inline == [threading.get_ident()]  # the small one, on the event loop's own thread
+    assert len(threads) == 6 and threading.get_ident() not in threads and most == 2
 
 
-def test_a_decode_that_cannot_get_a_slot_in_time_is_answered_503(monkeypatch):
-    real = decoding.decode
-    monkeypatch.setattr(decoding, "decode", lambda image: time.sleep(0.5) or real(image))
-    big, small = big_and_small()
+def test_a_read_that_cannot_get_a_slot_in_time_is_answered_503(monkeypatch):
+    monkeypatch.setattr(decoding, "read_image", lambda data: time.sleep(0.5) or read_image(data))
+    big, padded, small = big_padded_and_small()
 
     async def main() -> list:
         decoder = Decoder(slots=1, wait=0.1)
-        return await asyncio.gather(
-            decoder.digit(big), decoder.digit(big), decoder.digit(small), return_exceptions=True
-        )
+        reads = decoder.digit(big), decoder.digit(padded), decoder.digit(small)
+        return await asyncio.gather(*reads, return_exceptions=True)
 
     first, second, inline = asyncio.run(main())
     assert isinstance(first, np.ndarray) and isinstance(inline, np.ndarray)  # a small one needs no slot
