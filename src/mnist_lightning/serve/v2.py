@@ -18,8 +18,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from mnist_lightning.net import normalise
-from mnist_lightning.serve.app import INLINE_BYTES, BadRequest, check_key, read_body
+from mnist_lightning.serve.app import check_key
+from mnist_lightning.serve.decoding import INLINE_BYTES
 from mnist_lightning.serve.tensors import INPUT, OUTPUTS, encode, read_pixels, read_request, requested_outputs
+from mnist_lightning.serve.uploads import BadRequest, read_body
 
 MODEL, VERSION = "mnist", "1"
 # Images per infer request: 3 MB of FP32 in binary, within the default --max_bytes; clients split bigger sets.
