@@ -40,6 +40,7 @@ def serve(
     max_bytes: int = 10_000_000,
     cors_origins: list[str] | None = None,
     allowed_hosts: list[str] | None = None,
+    read_timeout: float = 20.0,
 ) -> None:
     """Serve the HTTP API and the draw-a-digit page: prints the URL, then serves until Ctrl-C or SIGTERM.
 
@@ -52,21 +53,26 @@ def serve(
         max_bytes: largest upload accepted, in bytes
         cors_origins: other web pages (https://example.com) whose scripts may call the API from a browser; '*': any
         allowed_hosts: Host header names answered besides those of --host (the name a proxy forwards); '*': any
+        read_timeout: seconds a request may take to arrive, plus 1 s per 50 kB of body
     """
     if workers < 1:
         raise UserError(f"--workers must be 1 or more, got {workers}")
     if max_bytes < 1:
         raise UserError(f"--max_bytes must be positive, got {max_bytes}")
+    if not 0 < read_timeout < float("inf"):
+        raise UserError(f"--read_timeout must be positive, got {read_timeout}")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be within 0-65535 (0: any free port), got {port}")
     try:
+        import httptools  # noqa: F401  (uvicorn's protocol for it is the one serve.protocol bounds)
         import uvicorn
         from uvicorn.supervisors import Multiprocess
 
         from mnist_lightning.serve.app import SETTINGS_VARIABLE, create_app
         from mnist_lightning.serve.guard import host_names
+        from mnist_lightning.serve.protocol import ServeConfig
     except ModuleNotFoundError as err:
-        if err.name not in ("fastapi", "starlette", "uvicorn", "python_multipart"):
+        if err.name not in ("fastapi", "starlette", "uvicorn", "python_multipart", "httptools"):
             raise
         raise UserError(f"serving needs {err.name}, not installed: pip install 'mnist-lightning[serve]'") from None
     ckpt_path = str(resolve_checkpoint(ckpt_path))
@@ -86,6 +92,7 @@ def serve(
     # at 32 connections was 38-240 ms in six runs here, with asyncio 24-46 ms in six, at about the same
     # requests/s. httptools (in the serve extra) served about a fifth more requests/s than h11.
     options = {"log_level": "warning", "access_log": False, "loop": "asyncio", "workers": workers}
+    options["read_timeout"] = read_timeout
     if workers == 1:
         app = create_app(
             net,
@@ -97,13 +104,11 @@ def serve(
             cors_origins=settings["cors_origins"],
             temperature=saved["temperature"],
         )
-        uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
+        uvicorn.Server(ServeConfig(app, **options)).run(sockets=[sock])
     else:
         # Each worker is a fresh process that loads the checkpoint itself, from these settings.
         os.environ[SETTINGS_VARIABLE] = json.dumps(settings)
-        Multiprocess(
-            uvicorn.Config("mnist_lightning.serve.app:from_environment", factory=True, **options), [sock]
-        ).run()
+        Multiprocess(ServeConfig("mnist_lightning.serve.app:from_environment", factory=True, **options), [sock]).run()
 
 
 def cli_main(args: list[str] | None = None) -> None:
