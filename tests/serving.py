@@ -11,13 +11,14 @@ from pathlib import Path
 
 
 class Server:
-    """Started with ``--port 0``: the server binds a free port itself and prints its URL, so no port race."""
+    """Started with ``--port 0``: the server binds a free port itself and prints its URL, so no port race;
+    and ``--drain_seconds 0`` unless given, so that stopping it takes no drain."""
 
     def __init__(self, *args: str, cwd: Path, log: Path, env: dict | None = None, timeout: float = 60):
         self.log = log
         with open(log, "w") as stderr:  # a file, not a pipe: tracebacks cannot fill a buffer and block it
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mnist_lightning.serve", "--port", "0", *args],
+                [sys.executable, "-m", "mnist_lightning.serve", "--port", "0", "--drain_seconds", "0", *args],
                 cwd=cwd,
                 env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
                 stdout=subprocess.PIPE,

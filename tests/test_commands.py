@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 
 from conftest import run_module
 from mnist_lightning import evaluate, export, predict
 from mnist_lightning.errors import run_main
 from mnist_lightning.files.idx import load_split
-from mnist_lightning.serve import app, server
+from mnist_lightning.serve import app, lifecycle, server
 
 COMMANDS = {"evaluate": evaluate, "predict": predict, "export": export, "serve": server}
 # An option of each command, explained in --help in its docstring's words.
@@ -60,7 +59,8 @@ def served(monkeypatch) -> list[dict]:
     monkeypatch.setattr(
         app, "create_app", lambda *args, **options: made.append(options) or create_app(*args, **options)
     )
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: sockets[0].close())
+    # Started: it says so (serve.lifecycle.Server, once uvicorn accepts), and stops at once.
+    monkeypatch.setattr(lifecycle.Server, "run", lambda self, sockets: self.announce() or sockets[0].close())
     return made
 
 

@@ -27,6 +27,7 @@ from mnist_lightning.files.images import UnsupportedImage
 from mnist_lightning.net import normalise
 from mnist_lightning.serve.decoding import Decoder
 from mnist_lightning.serve.guard import OwnPageOnly
+from mnist_lightning.serve.lifecycle import draining
 from mnist_lightning.serve.uploads import BadRequest, LingeringClose, multipart_file, read_body
 
 SETTINGS_VARIABLE = "MNIST_SERVE_SETTINGS"  # how the processes of --workers N learn what to serve
@@ -54,9 +55,11 @@ def create_app(
     hosts: set[str] | None = None,
     cors_origins: list[str] = (),
     temperature: float = 1.0,
+    drain_seconds: float = 0.0,
 ) -> FastAPI:
     """The app; ``hosts`` are the Host names it answers to (None: any), ``cors_origins`` the other pages that
-    may call it from a browser, ``temperature`` the checkpoint's, which calibrates the probabilities."""
+    may call it from a browser, ``temperature`` the checkpoint's, which calibrates the probabilities,
+    ``drain_seconds`` how long it goes on serving after SIGTERM, not ready (serve.lifecycle)."""
     torch.set_num_threads(1)  # one small image a call has nothing to share out; workers are the parallelism
     # What exists now (torch, the network) lives as long as the process: keep it out of every garbage
     # collection. A full one over it took 150-160 ms here, a stall for every request in flight.
@@ -64,7 +67,10 @@ def create_app(
     gc.freeze()
     decoder = Decoder()  # the cap on big decodes at once is this worker's
     page = files("mnist_lightning.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-    app = FastAPI(title="mnist-lightning", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="mnist-lightning", docs_url=None, redoc_url=None, openapi_url=None, lifespan=draining(drain_seconds)
+    )
+    app.state.ready = True  # until SIGTERM: GET /ready, and any other readiness route, read it
     if cors_origins:  # answers the preflights of the pages allowed, and tells their browsers they may read
         app.add_middleware(
             CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"], allow_headers=["*"]
@@ -91,6 +97,12 @@ def create_app(
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")  # for a balancer: 503 from SIGTERM on, while the server drains
+    async def ready() -> JSONResponse:
+        if not app.state.ready:
+            return JSONResponse({"status": "stopping", "error": "the server is stopping; send to another"}, 503)
+        return JSONResponse({"status": "ready"})
 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
@@ -155,6 +167,7 @@ def from_environment() -> FastAPI:
         hosts=set(settings["hosts"]),
         cors_origins=settings["cors_origins"],
         temperature=saved["temperature"],
+        drain_seconds=settings["drain_seconds"],
     )
 
 
