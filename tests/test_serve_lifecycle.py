@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from serving import Server
 from test_serve import bar, encoded, refusal
@@ -178,3 +179,35 @@ def test_the_serving_line_comes_once_the_port_answers(trained_ckpt, tmp_path, wo
 def test_argument_errors_are_one_line(capsys):
     for args in (["--bogus"], ["--port", "abc"], ["--workers"], ["--drain_seconds", "-1"], ["extra"]):
         assert "error: " in refusal(capsys, *args), args
+
+
+@pytest.mark.slow
+def test_a_restarted_worker_serves_the_model_loaded_at_start(trained_ckpt, tmp_path):
+    served = tmp_path / "model.ckpt"
+    served.write_bytes(trained_ckpt.read_bytes())
+    server = Server("--ckpt_path", str(served), "--workers", "2", cwd=tmp_path, log=tmp_path / "log",
+                    env={"TMPDIR": str(tmp_path)})  # fmt: skip
+    try:
+        before = [server.post(encoded(bar(d)))[1]["probabilities"] for d in range(10)]
+        # A resumed run replaces its checkpoint: another model now sits under the name.
+        other = torch.load(trained_ckpt, weights_only=True)
+        other["state_dict"] = {k: v.flip(0) for k, v in other["state_dict"].items()}
+        torch.save(other, served)
+        first = worker_pids(server)
+        assert len(first) == 2
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while not (len(worker_pids(server)) == 2 and not worker_pids(server) & first):
+            assert time.monotonic() < deadline and server.alive(), server.log.read_text()
+            time.sleep(0.2)
+        while server.request("GET", "/ready")[0] != 200:
+            assert time.monotonic() < deadline, server.log.read_text()
+            time.sleep(0.2)
+        after = [server.post(encoded(bar(d)))[1]["probabilities"] for d in range(10)]
+        assert after == before
+        restarted = worker_pids(server)
+        assert len(restarted) == 2 and not restarted & first  # no crash loop: the same two serve on
+    finally:
+        server.stop()
+    assert not list(tmp_path.glob("mnist-serve-*"))

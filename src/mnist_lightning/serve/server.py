@@ -7,7 +7,9 @@ multipart upload) and answers JSON, ``GET /health`` says the server is ready. Ne
 
 import json
 import os
+import shutil
 import socket
+import tempfile
 
 from mnist_lightning.cli import command
 from mnist_lightning.errors import UserError, run_main
@@ -85,7 +87,12 @@ def serve(
             raise
         raise UserError(f"serving needs {err.name}, not installed: pip install 'mnist-lightning[serve]'") from None
     ckpt_path = str(resolve_checkpoint(ckpt_path))
-    net, (mean, std), saved = load_checkpoint(ckpt_path)
+    # --workers N: a worker that dies is started again, and loads the checkpoint again. Each loads a
+    # private copy, which nothing else writes, so a run that replaces the file meanwhile cannot make two
+    # workers serve two models. The folder goes with the object: when serve returns, or the process exits.
+    private = tempfile.TemporaryDirectory(prefix="mnist-serve-") if workers > 1 else None
+    served = shutil.copyfile(ckpt_path, os.path.join(private.name, "served.ckpt")) if private else ckpt_path
+    net, (mean, std), saved = load_checkpoint(served)
     sock = listen(host, port)
     bound, port = sock.getsockname()[:2]
 
@@ -93,7 +100,7 @@ def serve(
         print(f"serving {ckpt_path} at http://{f'[{bound}]' if ':' in bound else bound}:{port}/", flush=True)
 
     settings = {
-        "ckpt_path": ckpt_path,
+        "ckpt_path": served,
         # From the environment rather than a default, so that --help and --print_config never show it.
         "api_key": api_key or os.environ.get(KEY_VARIABLE) or None,
         "max_bytes": max_bytes,
@@ -120,7 +127,7 @@ def serve(
         )
         Server(ServeConfig(app, **options), announce).run(sockets=[sock])
     else:
-        # Each worker is a fresh process that loads the checkpoint itself, from these settings.
+        # Each worker is a fresh process that builds its app from these settings.
         os.environ[SETTINGS_VARIABLE] = json.dumps(settings)
         config = ServeConfig("mnist_lightning.serve.app:from_environment", factory=True, **options)
         Supervisor(config, [sock], announce).run()
