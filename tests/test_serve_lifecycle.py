@@ -176,9 +176,43 @@ def test_the_serving_line_comes_once_the_port_answers(trained_ckpt, tmp_path, wo
         proc.stdout.close()
 
 
+def test_an_empty_or_unreadable_key_is_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty").write_text("\n")
+    monkeypatch.delenv("MNIST_API_KEY", raising=False)
+    assert "--api_key is empty, which would leave the API open" in refusal(capsys, "--api_key", "")
+    assert "is empty" in refusal(capsys, "--api_key_file", str(tmp_path / "empty"))
+    assert "cannot read --api_key_file" in refusal(capsys, "--api_key_file", str(tmp_path / "missing"))
+    assert "not both" in refusal(capsys, "--api_key", "a", "--api_key_file", str(tmp_path / "empty"))
+    assert "printable ASCII without spaces" in refusal(capsys, "--api_key", "two words")
+    monkeypatch.setenv("MNIST_API_KEY", "")
+    assert "$MNIST_API_KEY is empty" in refusal(capsys, "--ckpt_path", "missing.ckpt")
+
+
 def test_argument_errors_are_one_line(capsys):
     for args in (["--bogus"], ["--port", "abc"], ["--workers"], ["--drain_seconds", "-1"], ["extra"]):
         assert "error: " in refusal(capsys, *args), args
+
+
+def test_a_key_on_the_command_line_is_warned_about(tmp_path):
+    proc, _ = started(tmp_path, "--api_key", "s3cret", "--ckpt_path", "missing.ckpt")
+    proc.wait(60)
+    proc.stdout.close()
+    err = (tmp_path / "log").read_text()
+    assert err.startswith("warning: an --api_key on the command line shows in ps") and "s3cret" not in err
+
+
+def test_the_key_can_come_from_a_file(trained_ckpt, tmp_path):
+    (tmp_path / "key").write_text("s3cret\n")
+    (tmp_path / "key").chmod(0o600)
+    keyed = Server("--ckpt_path", str(trained_ckpt), "--api_key_file", str(tmp_path / "key"), cwd=tmp_path,
+                   log=tmp_path / "log", env={"MNIST_API_KEY": "other"})  # fmt: skip
+    try:
+        assert keyed.post(encoded(bar(2)))[0] == 401
+        assert keyed.post(encoded(bar(2)), headers={"X-API-Key": "other"})[0] == 401
+        assert keyed.post(encoded(bar(2)), headers={"X-API-Key": "s3cret"})[1]["digit"] == 2
+        assert "warning" not in keyed.log.read_text()
+    finally:
+        keyed.stop()
 
 
 @pytest.mark.slow

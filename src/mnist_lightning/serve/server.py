@@ -9,13 +9,13 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 
 from mnist_lightning.cli import command
 from mnist_lightning.errors import UserError, run_main
 from mnist_lightning.files.checkpoints import load_checkpoint, resolve_checkpoint
-
-KEY_VARIABLE = "MNIST_API_KEY"
+from mnist_lightning.serve import keys
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -39,6 +39,7 @@ def serve(
     port: int = 8000,
     workers: int = 1,
     api_key: str | None = None,
+    api_key_file: str | None = None,
     max_bytes: int = 10_000_000,
     cors_origins: list[str] | None = None,
     allowed_hosts: list[str] | None = None,
@@ -54,7 +55,9 @@ def serve(
         host: address to bind; 0.0.0.0 opens it to the network
         port: port to listen on; 0 picks a free one
         workers: server processes sharing the port
-        api_key: the key POST /predict needs in its X-API-Key header (default: $MNIST_API_KEY, else none)
+        api_key: the key POST /predict needs in its X-API-Key header (default: $MNIST_API_KEY, else none);
+            ps shows it to every user: prefer $MNIST_API_KEY or --api_key_file
+        api_key_file: a file holding the key
         max_bytes: largest upload accepted, in bytes
         cors_origins: other web pages (https://example.com) whose scripts may call the API from a browser; '*': any
         allowed_hosts: Host header names answered besides those of --host (the name a proxy forwards); '*': any
@@ -73,6 +76,12 @@ def serve(
         raise UserError(f"--read_timeout must be positive, got {read_timeout}")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be within 0-65535 (0: any free port), got {port}")
+    key = keys.api_key(api_key, api_key_file)
+    if api_key is not None and keys.on_command_line(sys.argv):  # what ps shows: this process's own arguments
+        print(
+            "warning: an --api_key on the command line shows in ps; use $MNIST_API_KEY or --api_key_file",
+            file=sys.stderr,
+        )
     try:
         # What serving needs, imported first so that a missing one is named whatever was imported before.
         import httptools  # noqa: F401  (uvicorn's protocol for it is the one serve.protocol bounds)
@@ -101,8 +110,7 @@ def serve(
 
     settings = {
         "ckpt_path": served,
-        # From the environment rather than a default, so that --help and --print_config never show it.
-        "api_key": api_key or os.environ.get(KEY_VARIABLE) or None,
+        "api_key": key,
         "max_bytes": max_bytes,
         "hosts": sorted(host_names(host) | {name.lower() for name in allowed_hosts or []}),
         "cors_origins": cors_origins or [],
@@ -118,7 +126,7 @@ def serve(
             net,
             mean,
             std,
-            api_key=settings["api_key"],
+            api_key=key,
             max_bytes=max_bytes,
             hosts=set(settings["hosts"]),
             cors_origins=settings["cors_origins"],
