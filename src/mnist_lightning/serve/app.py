@@ -25,6 +25,7 @@ from mnist_lightning.errors import UserError
 from mnist_lightning.files.checkpoints import load_checkpoint
 from mnist_lightning.files.images import UnsupportedImage
 from mnist_lightning.net import normalise
+from mnist_lightning.serve import metrics
 from mnist_lightning.serve.decoding import Decoder
 from mnist_lightning.serve.guard import OwnPageOnly
 from mnist_lightning.serve.lifecycle import draining
@@ -76,7 +77,9 @@ def create_app(
             CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"], allow_headers=["*"]
         )
     app.add_middleware(OwnPageOnly, hosts=hosts or {"*"}, cors_origins=list(cors_origins))
-    app.add_middleware(LingeringClose)  # the outermost: every answer given before its body was read
+    metrics.install(app)  # outside the guard, so that it counts the guard's refusals too
+    # The outermost: every answer given before its body was read, and the drain after it, not timed as latency.
+    app.add_middleware(LingeringClose)
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, err: BadRequest) -> JSONResponse:
@@ -125,6 +128,7 @@ def create_app(
             raise BadRequest(415, f"{err}") from None
         except UserError as err:
             raise BadRequest(422, f"{err}", blank=str(err).startswith("no digit found")) from None
+        metrics.images_predicted(request, 1)
         return JSONResponse(answer(image, classify(net, mean, std, image, temperature)))
 
     from mnist_lightning.serve.v2 import v2_router  # here: v2 builds on this module's errors and body reading

@@ -82,6 +82,8 @@ def serve(
             "warning: an --api_key on the command line shows in ps; use $MNIST_API_KEY or --api_key_file",
             file=sys.stderr,
         )
+    if workers == 1:  # one process keeps its metrics in memory; prometheus_client picks its mode on import
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     try:
         # What serving needs, imported first so that a missing one is named whatever was imported before.
         import httptools  # noqa: F401  (uvicorn's protocol for it is the one serve.protocol bounds)
@@ -90,9 +92,10 @@ def serve(
         from mnist_lightning.serve.app import SETTINGS_VARIABLE, create_app
         from mnist_lightning.serve.guard import host_names
         from mnist_lightning.serve.lifecycle import Server, Supervisor
+        from mnist_lightning.serve.metrics import DIR_VARIABLE
         from mnist_lightning.serve.protocol import ServeConfig
     except ModuleNotFoundError as err:
-        if err.name not in ("fastapi", "starlette", "uvicorn", "python_multipart", "httptools"):
+        if err.name not in ("fastapi", "starlette", "uvicorn", "python_multipart", "httptools", "prometheus_client"):
             raise
         raise UserError(f"serving needs {err.name}, not installed: pip install 'mnist-lightning[serve]'") from None
     ckpt_path = str(resolve_checkpoint(ckpt_path))
@@ -135,8 +138,11 @@ def serve(
         )
         Server(ServeConfig(app, **options), announce).run(sockets=[sock])
     else:
-        # Each worker is a fresh process that builds its app from these settings.
+        # Each worker is a fresh process that builds its app from these settings, and counts its
+        # requests in files under the private folder, which every worker's /metrics adds up.
         os.environ[SETTINGS_VARIABLE] = json.dumps(settings)
+        os.environ[DIR_VARIABLE] = os.path.join(private.name, "metrics")
+        os.mkdir(os.environ[DIR_VARIABLE])
         config = ServeConfig("mnist_lightning.serve.app:from_environment", factory=True, **options)
         Supervisor(config, [sock], announce).run()
 
