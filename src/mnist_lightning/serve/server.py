@@ -1,7 +1,8 @@
 """Serve a checkpoint over HTTP: ``python -m mnist_lightning.serve [--ckpt_path best] [--port 8000]``.
 
 ``GET /`` is a page to draw digits on, ``POST /predict`` reads one image file (the raw body or a
-multipart upload) and answers JSON, ``GET /health`` says the server is ready. Needs the serve extra:
+multipart upload) and answers JSON, ``GET /health`` says the server is alive, ``GET /ready`` whether it
+takes new work (not once SIGTERM has come), ``GET /metrics`` is for Prometheus. Needs the serve extra:
 ``pip install -e ".[serve]"``.
 """
 
