@@ -154,7 +154,17 @@ def v2_in_process(ckpt: str, digits: np.ndarray, batches: list[int]) -> dict[int
 
 class Server:
     def __init__(self, ckpt: str, workers: int):
-        command = [sys.executable, "-m", "mnist_lightning.serve", "--ckpt_path", ckpt, "--port", "0"]
+        command = [
+            sys.executable,
+            "-m",
+            "mnist_lightning.serve",
+            "--ckpt_path",
+            ckpt,
+            "--port",
+            "0",
+            "--drain_seconds",
+            "0",
+        ]
         self.proc = subprocess.Popen([*command, "--workers", str(workers)], stdout=subprocess.PIPE, text=True)
         self.url = self.proc.stdout.readline().split(" at ")[-1].strip()  # "serving CKPT at http://127.0.0.1:N/"
         deadline = time.monotonic() + 60

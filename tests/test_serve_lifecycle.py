@@ -67,8 +67,9 @@ def stop_under_load(server: Server) -> dict:
     server.proc.send_signal(signal.SIGTERM)
     not_ready = None
     while server.proc.poll() is None and time.monotonic() < term + 30:
-        status = server.request("GET", "/ready")[0]
-        if status == 503 and not_ready is None:
+        # The Open Inference Protocol's readiness follows the same flag.
+        statuses = {server.request("GET", path)[0] for path in ("/ready", "/v2/health/ready")}
+        if statuses == {503} and not_ready is None:
             not_ready = time.monotonic()
         time.sleep(0.05)
     exited = time.monotonic()

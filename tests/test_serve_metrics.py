@@ -1,5 +1,6 @@
 """GET /metrics, scraped as Prometheus scrapes it, after requests whose counts are known."""
 
+import json
 import os
 import signal
 import time
@@ -41,6 +42,9 @@ def send_known_requests(server: Server) -> None:
         assert server.request("GET", f"/no/such/path/{i}")[0] == 404
     assert server.request("GET", "/predict")[0] == 405
     assert server.request("GET", "/health", headers={"Host": "evil.example"})[0] == 400  # refused by the guard
+    pixels = {"name": "pixels", "datatype": "UINT8", "shape": [5, 784], "data": [0] * 5 * 784}
+    infer = json.dumps({"inputs": [pixels]}).encode()
+    assert server.request("POST", "/v2/models/mnist/infer", infer, {"Content-Type": "application/json"})[0] == 200
 
 
 def check_counts(samples: dict) -> None:
@@ -50,6 +54,7 @@ def check_counts(samples: dict) -> None:
     assert requests(samples, "/predict", "GET", 405) == 1
     assert requests(samples, "/health", "GET", 400) == 1
     assert samples[("mnist_images_predicted_total", (("route", "/predict"),))] == 7
+    assert samples[("mnist_images_predicted_total", (("route", "/v2/models/{name}/infer"),))] == 5
     latency = ("mnist_http_request_duration_seconds_count", (("method", "POST"), ("route", "/predict")))
     assert samples[latency] == 10
     routes = {dict(labels).get("route") for name, labels in samples if name.startswith("mnist_http")}

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from mnist_lightning.net import normalise
+from mnist_lightning.serve import metrics
 from mnist_lightning.serve.app import check_key
 from mnist_lightning.serve.decoding import INLINE_BYTES
 from mnist_lightning.serve.tensors import INPUT, OUTPUTS, encode, read_pixels, read_request, requested_outputs
@@ -66,9 +67,9 @@ def v2_router(
     async def live() -> JSONResponse:
         return JSONResponse({"live": True})
 
-    @router.get("/v2/health/ready")
-    async def ready() -> JSONResponse:
-        return JSONResponse({"ready": True})
+    @router.get("/v2/health/ready")  # false from SIGTERM on, while the server drains, as GET /ready
+    async def ready(request: Request) -> JSONResponse:
+        return JSONResponse({"ready": request.app.state.ready}, 200 if request.app.state.ready else 503)
 
     @model_route("", "GET")
     async def model_metadata(request: Request) -> JSONResponse:
@@ -78,7 +79,7 @@ def v2_router(
     @model_route("/ready", "GET")
     async def model_ready(request: Request) -> JSONResponse:
         check_model(request)
-        return JSONResponse({"name": MODEL, "ready": True})
+        return JSONResponse({"name": MODEL, "ready": request.app.state.ready}, 200 if request.app.state.ready else 503)
 
     @model_route("/infer", "POST")
     async def infer(request: Request) -> Response:
@@ -91,17 +92,19 @@ def v2_router(
         work = partial(answer, body, encoding, request.headers.get("inference-header-content-length"))
         # A batch costs O(N) to parse and compute: a big one in a thread, so that the event loop serves on.
         small = len(body) <= INLINE_BYTES and encoding == "identity"
-        content, headers = work() if small else await anyio.to_thread.run_sync(work, limiter=limiter)
+        content, headers, count = work() if small else await anyio.to_thread.run_sync(work, limiter=limiter)
+        metrics.images_predicted(request, count)
         return Response(content, headers=headers)
 
-    def answer(body: bytes, encoding: str, header_length: str | None) -> tuple[bytes, dict[str, str]]:
+    def answer(body: bytes, encoding: str, header_length: str | None) -> tuple[bytes, dict[str, str], int]:
         if encoding != "identity":
             body = inflate(body, ENCODINGS[encoding], max_bytes)
         request, binary = read_request(body, header_length)
         pixels = read_pixels(request, binary, MAX_BATCH)
         wanted = requested_outputs(request)
         tensors = infer_batch(net, mean, std, temperature, pixels)
-        return encode(request, {"model_name": MODEL, "model_version": VERSION}, tensors, wanted)
+        content, headers = encode(request, {"model_name": MODEL, "model_version": VERSION}, tensors, wanted)
+        return content, headers, len(pixels)
 
     return router
 
