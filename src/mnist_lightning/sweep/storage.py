@@ -1,17 +1,30 @@
-"""Where a study lives: an Optuna RDB (SQLite by default) or a journal file, opened by every process of it."""
+"""Where a study lives: an Optuna RDB (SQLite by default) or a journal file, opened by every process of it.
 
+A URL may hold a password (postgresql://user:password@host/db): the sweep shows it hidden wherever it prints
+or passes on the URL, the command lines of the processes it starts (which ``ps`` shows to every user) included.
+"""
+
+import os
 import time
 import warnings
 
 import optuna
 import sqlalchemy.exc
+from sqlalchemy.engine import make_url
 
 from mnist_lightning.errors import UserError
+
+# The whole URL, password included, for the processes that --n_jobs starts: their --storage shows it hidden.
+URL_VARIABLE = "MNIST_LIGHTNING_SWEEP_STORAGE"
+# The pip package of each driver SQLAlchemy may import under another name.
+PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
 
 
 def open_study(name: str, url: str, options) -> optuna.Study:
     """Create the study, or with ``options.resume`` load it (or join its creation by another process)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial is ours to print
+    url = whole(url)
+    shown = hidden(url)
     with warnings.catch_warnings():  # multivariate and constant_liar are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # constant_liar: a trial still running counts as a poor one, so that side-by-side trials differ.
@@ -26,17 +39,63 @@ def open_study(name: str, url: str, options) -> optuna.Study:
             storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
         exists = name in {s.study_name for s in storage.get_all_studies()}
         if exists and not options.resume:
-            raise UserError(f"study {name} exists in {url}; pass --resume to continue it, or another --study_name")
+            raise UserError(f"study {name} exists in {shown}; pass --resume to continue it, or another --study_name")
         kind = dict(direction="maximize", sampler=sampler, pruner=pruner)
         return optuna.create_study(study_name=name, storage=storage, load_if_exists=options.resume, **kind)
     except optuna.exceptions.DuplicatedStudyError:  # created by another process a moment ago
-        raise UserError(f"study {name} exists in {url}; pass --resume to join it") from None
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as err:
-        reason = " ".join(str(err).split("\n")[0].split())
+        raise UserError(f"study {name} exists in {shown}; pass --resume to join it") from None
+    except ImportError as err:  # Optuna's, raised from SQLAlchemy's import of the driver
+        raise missing_driver(url, err) from None
+    except sqlalchemy.exc.DBAPIError as err:  # the server's answer: refused, a wrong password, no such database
+        reason = one_line(str(err.orig), url)
         raise UserError(
-            f"--storage {url}: cannot open it ({reason}); give sqlite:///FILE, postgresql://..., mysql://... "
+            f"--storage {shown}: cannot open it ({reason}); check that the server runs there and the URL's "
+            "user, password and database"
+        ) from None
+    except (sqlalchemy.exc.SQLAlchemyError, ValueError, OSError) as err:
+        reason = one_line(str(err).split("\n")[0], url)
+        raise UserError(
+            f"--storage {shown}: cannot open it ({reason}); give sqlite:///FILE, postgresql://..., mysql://... "
             "(with its driver installed) or a journal file's path"
         ) from None
+
+
+def hidden(url: str) -> str:
+    """The URL as the sweep prints it or passes it on a command line: its password, if any, as ***."""
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:  # not a URL: a journal file's path
+        return url
+    return url if parsed.password is None else parsed.render_as_string(hide_password=True)
+
+
+def one_line(text: str, url: str) -> str:
+    """An error's text on one line, with the URL's password hidden wherever the driver repeated it."""
+    text = text.replace(url, hidden(url))
+    password = make_url(url).password if hidden(url) != url else None
+    return " ".join((text.replace(password, "***") if password else text).split())
+
+
+def whole(url: str) -> str:
+    """The URL a worker was given hidden, made whole again from its environment; any other as it is."""
+    given = os.environ.get(URL_VARIABLE)
+    return given if given and hidden(given) == url else url
+
+
+def passed_on(args: list[str], url: str) -> tuple[list[str], dict[str, str]]:
+    """A worker's command line, with the URL's password hidden, and the environment that holds it whole."""
+    url = whole(url)
+    return [arg.replace(url, hidden(url)) for arg in args], {URL_VARIABLE: url}
+
+
+def missing_driver(url: str, err: ImportError) -> UserError:
+    """One line naming the package to install for the driver SQLAlchemy could not import."""
+    cause = err.__cause__ if isinstance(err.__cause__, ImportError) else err
+    module = (cause.name or make_url(url).get_driver_name()).split(".")[0]
+    return UserError(
+        f"--storage {hidden(url)}: cannot open it: its database driver, {module}, is not installed; "
+        f"pip install '{PACKAGES.get(module, module)}'"
+    )
 
 
 def rdb_storage(url: str, engine_kwargs: dict) -> optuna.storages.RDBStorage:

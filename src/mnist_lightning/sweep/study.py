@@ -83,10 +83,14 @@ def default_name(root: Path, resume: bool) -> str:
 def spawn(i: int, args: list[str], name: str, url: str, options: Search, folder: Path) -> subprocess.Popen:
     """One more process joining the study, with its share of the cores and its output in worker-I.log: the
     same command line, which fixes the same options, naming the study this one opened."""
-    argv = [sys.executable, "-m", "mnist_lightning.sweep", *args, "--resume", "--study_name", name, "--storage", url]
+    from mnist_lightning.sweep.storage import passed_on
+
+    # The URL's password goes in the environment, not on the command line, which every user of the machine sees.
+    args, whole_url = passed_on([*args, "--resume", "--study_name", name, "--storage", url], url)
+    argv = [sys.executable, "-m", "mnist_lightning.sweep", *args]
     threads = str(max(1, (os.cpu_count() or 1) // options.n_jobs))
     with open(folder / f"worker-{i}.log", "w") as log:
-        env = {**os.environ, "OMP_NUM_THREADS": threads, WORKER: str(i)}
+        env = {**os.environ, **whole_url, "OMP_NUM_THREADS": threads, WORKER: str(i)}
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
