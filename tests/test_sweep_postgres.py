@@ -53,6 +53,7 @@ def test_two_sweep_processes_share_one_study_and_split_its_trials(cluster, data_
     assert ran[0] and ran[1] and not ran[0] & ran[1], outs  # each ran some, none ran one twice
     assert {t.number for t in trials} <= ran[0] | ran[1]
     assert all(PASSWORD not in out for out in outs)
+    assert optuna.load_study(study_name="two", storage=cluster.url()).metric_names == ["val/acc_best"]
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import sqlalchemy.exc
 from sqlalchemy.engine import make_url
 
 from mnist_lightning.errors import UserError
+from mnist_lightning.sweep.trials import OBJECTIVE
 
 # The whole URL, password included, for the processes that --n_jobs starts: their --storage shows it hidden.
 URL_VARIABLE = "MNIST_LIGHTNING_SWEEP_STORAGE"
@@ -41,7 +42,7 @@ def open_study(name: str, url: str, options) -> optuna.Study:
         if exists and not options.resume:
             raise UserError(f"study {name} exists in {shown}; pass --resume to continue it, or another --study_name")
         kind = dict(direction="maximize", sampler=sampler, pruner=pruner)
-        return optuna.create_study(study_name=name, storage=storage, load_if_exists=options.resume, **kind)
+        study = optuna.create_study(study_name=name, storage=storage, load_if_exists=options.resume, **kind)
     except optuna.exceptions.DuplicatedStudyError:  # created by another process a moment ago
         raise UserError(f"study {name} exists in {shown}; pass --resume to join it") from None
     except ImportError as err:  # Optuna's, raised from SQLAlchemy's import of the driver
@@ -58,6 +59,12 @@ def open_study(name: str, url: str, options) -> optuna.Study:
             f"--storage {shown}: cannot open it ({reason}); give sqlite:///FILE, postgresql://..., mysql://... "
             "(with its driver installed) or a journal file's path"
         ) from None
+    # Named, so that optuna-dashboard and plots say val/acc_best, not "Objective 0".
+    if study.metric_names != [OBJECTIVE]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVE])
+    return study
 
 
 def hidden(url: str) -> str:
