@@ -71,6 +71,7 @@ def run_trial(study: optuna.Study, trial: Trial, recipe: dict, space: dict, fold
     run = folder / f"trial-{trial.number}"
     trial.set_user_attr("run", str(run.resolve()))
     where = {"save_dir": str(folder.resolve()), "name": "", "version": run.name, "default_hp_metric": False}
+    where["ticked"] = [name.replace(".", "/") for name in params]  # HPARAMS opens on the searched settings
     logger = {"class_path": "mnist_lightning.training.tensorboard.RunLogger", "init_args": where}
     # Not tested: the test set is looked at once, for the best trial, after the search.
     args = ["--config", yaml.safe_dump(own), "--trainer.limit_test_batches=0", f"--trainer.logger={json.dumps(logger)}"]

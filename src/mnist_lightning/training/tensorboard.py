@@ -1,13 +1,17 @@
 """What fit shows in TensorBoard: the learning curves first, the HPARAMS table, pictures of the test results."""
 
 import os
+import time
 import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from tensorboard.plugins.hparams.api_pb2 import Status
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
@@ -20,9 +24,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 MISTAKES_SHOWN = 64  # misread test digits pictured
-# The HPARAMS columns ticked when TensorBoard opens (it ticks five); the others are a click away.
+# fit's HPARAMS columns ticked when TensorBoard opens (it ticks five); the others are a click away.
 TICKED = ("data/batch_size", "model/label_smoothing", "model/lr", "trainer/max_epochs", "trainer/seed")
-METRICS = ("val/acc_best", "test/acc", "test/loss")  # the HPARAMS metrics
+METRICS = ("val/acc_best", "test/acc", "test/loss")  # the HPARAMS metrics; the test's, where the run is tested
 
 
 # TensorBoard's Custom Scalars tab: train and val on the same axes.
@@ -63,7 +67,13 @@ class RunLogger(TensorBoardLogger):
 
     Lightning asks for the writer before any callback's setup; its events file is made at the first
     write instead, so that a run refused in setup (checks.RunChecks) leaves its folder as it was.
+
+    ``ticked``: the HPARAMS columns ticked when TensorBoard opens; a sweep's trial gives its searched settings.
     """
+
+    def __init__(self, *args, ticked: Sequence[str] = TICKED, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ticked = tuple(ticked)
 
     @property
     def experiment(self):
@@ -81,23 +91,41 @@ class RunLogger(TensorBoardLogger):
         super().log_metrics(renamed, step)
 
 
-def log_hparams(writer: SummaryWriter, params: dict, metric_names: tuple[str, ...]) -> None:
-    """Register the run in the HPARAMS tab, which shows each metric's last logged value.
+def log_hparams(writer: SummaryWriter, params: dict, metric_names: Sequence[str], ticked: Sequence[str]):
+    """Register the run in the HPARAMS tab, which shows each metric's last logged value; returns the
+    session's end, for end_session.
 
     TensorBoardLogger.log_hyperparams would also log the metrics once at step 0 as placeholders,
-    which would put a false first point on their curves; so the three summaries are written here.
-    TensorBoard ticks the first five columns, those that differ between runs first: TICKED are
-    marked so.
+    which would put a false first point on their curves; so torch's summaries are written here.
+    TensorBoard ticks the first five columns, those marked as differing between runs first, by
+    name: ``ticked`` are marked so.
     """
     flat = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
     experiment, start, end = hparams(flat, dict.fromkeys(metric_names, 0.0))
-    value = experiment.value[0]
-    data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
-    for info in data.experiment.hparam_infos:
-        info.differs = info.name in TICKED
-    value.metadata.plugin_data.content = data.SerializeToString()
-    for summary in (experiment, start, end):
+    with plugin_data(experiment) as data:
+        for info in data.experiment.hparam_infos:
+            info.differs = info.name in ticked
+    for summary in (experiment, start):
         writer._get_file_writer().add_summary(summary)
+    return end
+
+
+def end_session(writer: SummaryWriter, end, status: str) -> None:
+    """The run's status in HPARAMS, written once, at its end: TensorBoard keeps the first one a run writes."""
+    with plugin_data(end) as data:
+        data.session_end_info.status = Status.Value(status)
+        data.session_end_info.end_time_secs = time.time()
+    writer._get_file_writer().add_summary(end)
+    writer.flush()
+
+
+@contextmanager
+def plugin_data(summary):
+    """The HPARAMS data of one of torch's summaries, to change in place."""
+    value = summary.value[0]
+    data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    yield data
+    value.metadata.plugin_data.content = data.SerializeToString()
 
 
 def confusion_figure(matrix: torch.Tensor) -> "Figure":
@@ -182,6 +210,8 @@ class RunReport(Callback):
     every callback at every hook, each step too.
     """
 
+    session = None  # the run's writer and its HPARAMS session's end, from the start of training to its end
+
     def on_train_start(self, trainer: Trainer, pl_module) -> None:
         if not (isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero):
             return
@@ -201,7 +231,26 @@ class RunReport(Callback):
         }
         writer = trainer.logger.experiment
         writer.add_custom_scalars(LAYOUT)
-        log_hparams(writer, params, METRICS)
+        # A metric never logged draws no line in the parallel coordinates: an untested run (a sweep's trial)
+        # declares no test metric.
+        metrics = [m for m in METRICS if trainer.limit_test_batches or not m.startswith("test/")]
+        end = log_hparams(writer, params, metrics, getattr(trainer.logger, "ticked", TICKED))
+        self.session = writer, end
+
+    def on_fit_end(self, trainer: Trainer, pl_module) -> None:
+        self._end("STATUS_SUCCESS")
+
+    def on_exception(self, trainer: Trainer, pl_module, exception: BaseException) -> None:
+        # TensorBoard knows no "pruned": a sweep's pruned trial, stopped short, is not a success and shows as a
+        # failure, like a NaN loss or a crash. Ctrl-C and SIGTERM stop a run that --ckpt_path last may continue
+        # in the same folder, and so leave its status open (Unknown), as the first one written would stay.
+        if not isinstance(exception, KeyboardInterrupt | SystemExit):
+            self._end("STATUS_FAILURE")
+
+    def _end(self, status: str) -> None:
+        if self.session is not None:  # this process logged the run's hparams (rank 0 only)
+            end_session(*self.session, status)
+            self.session = None
 
     def on_test_start(self, trainer: Trainer, pl_module) -> None:
         # validate_args=False: the argument checks would sync with the device on every update.
