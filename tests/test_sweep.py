@@ -169,6 +169,49 @@ def test_mistakes_are_one_line_and_start_no_study(data_dir, tmp_path):
     assert len(proc.stderr.splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        (["--prune_startup_trials", "-1"], "--prune_startup_trials and --prune_warmup_epochs must be 0 or more"),
+        (["--prune_warmup_epochs", "-2"], "--prune_startup_trials and --prune_warmup_epochs must be 0 or more"),
+        (["--n_jobs", "0"], "--n_trials and --n_jobs must be positive"),
+        (["--timeout", "-5"], "--timeout must be a positive number of seconds, got -5.0"),
+        (["--timeout", "0"], "--timeout must be a positive number of seconds"),
+        ({"timeout": float("nan")}, "--timeout must be a positive number of seconds, got nan"),
+        ({"timeout": float("inf")}, "--timeout must be a positive number of seconds, got inf"),
+        (["--storage", " ", "--study_name", "s"], "--storage is empty"),
+        (["--storage", "sqlite://", "--study_name", "s", "--n_jobs", "2"], "cannot share"),
+        (["--storage", "sqlite:///:memory:", "--study_name", "s", "--n_jobs", "2"], "cannot share"),
+    ],
+)
+def test_the_searchs_own_bad_values_are_one_line_and_leave_nothing_to_resume(data_dir, tmp_path, given, message):
+    if isinstance(given, dict):  # in a config file, as a hand-edited one holds them: YAML's .nan and .inf
+        (tmp_path / "search.yaml").write_text(yaml.safe_dump(given))
+        given = ["--config", str(tmp_path / "search.yaml")]
+    with pytest.raises(UserError, match=message):
+        sweep.cli_main(sweep_args(data_dir, tmp_path, "--n_trials", "2", *given))
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_a_study_that_cannot_be_written_is_one_line_naming_the_cause(tmp_path):
+    optuna.create_study(study_name="old", storage=f"sqlite:///{tmp_path / 'ro.db'}")
+    # A read-only database, as on a read-only mount (root may write any file, so chmod would not do).
+    url = f"sqlite:///file:{tmp_path / 'ro.db'}?mode=ro&uri=true"
+    proc = run_module("mnist_lightning.sweep", "--n_trials", "1", "--storage", url, "--study_name", "s",
+                      cwd=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: cannot write the study to ") and "readonly database" in proc.stderr
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_a_fits_own_check_of_a_nan_reaches_the_sweep_as_one_line(data_dir, tmp_path):
+    (tmp_path / "nan.yaml").write_text("data:\n  mean: .nan\n")
+    proc = run_module("mnist_lightning.sweep", *sweep_args(data_dir, tmp_path, "--n_trials", "2"), "--config",
+                      str(tmp_path / "nan.yaml"), cwd=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "error: mean must be finite and std positive, got nan and 0.3081"
+
+
 def test_without_optuna_the_sweep_says_what_to_install(tmp_path, monkeypatch, capsys):
     # Optuna's import fails, as where the sweep extra is not installed.
     code = "import sys; sys.modules['optuna'] = None; from mnist_lightning.sweep.study import main; main()"

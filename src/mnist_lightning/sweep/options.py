@@ -6,7 +6,9 @@ and ``--print_config`` prints both. A value given for one of fit's options, on t
 that changes nothing given the fixed values: the warm-up, without the one-cycle schedule.
 """
 
+import math
 import random
+import re
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -65,10 +67,30 @@ class Search:
     resume: bool = False  # a flag, added by SweepCLI
 
     def __post_init__(self):
+        """Every value Optuna or the loop would refuse or misread, refused here: before any folder or study."""
         if self.n_trials < 1 or self.n_jobs < 1:
             raise UserError(f"--n_trials and --n_jobs must be positive, got {self.n_trials} and {self.n_jobs}")
+        if self.prune_startup_trials < 0 or self.prune_warmup_epochs < 0:
+            raise UserError(
+                "--prune_startup_trials and --prune_warmup_epochs must be 0 or more, got "
+                f"{self.prune_startup_trials} and {self.prune_warmup_epochs}"
+            )
+        if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise UserError(f"--timeout must be a positive number of seconds, got {self.timeout}; leave it out: none")
+        if self.storage is not None and not self.storage.strip():
+            raise UserError("--storage is empty: give a database URL or a journal file's path, or leave it out")
         if self.storage and not self.study_name:
             raise UserError("--storage needs a --study_name, the name every process that joins the study gives")
+        if self.storage and in_memory(self.storage) and self.n_jobs > 1:
+            raise UserError(
+                f"--storage {self.storage} is a database in this process's memory, which --n_jobs "
+                f"{self.n_jobs} processes cannot share: give a file (sqlite:///FILE) or a server's URL"
+            )
+
+
+def in_memory(url: str) -> bool:
+    """Whether an RDB URL is SQLite in memory: gone with its process, and its own in each."""
+    return bool(re.fullmatch(r"sqlite(\+\w+)?://(/(:memory:)?)?(\?.*)?", url)) or "mode=memory" in url
 
 
 class SweepCLI(MNISTCLI):

@@ -6,8 +6,10 @@ on the best trial, after the search. Every process started against the study's s
 or on other machines, runs trials of the same study.
 """
 
+import contextlib
 import importlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,19 +30,41 @@ def cli_main(args: list[str] | None = None):
     options, recipe, searched = parse(args, __doc__.split("\n\n", 1)[1])
     require_optuna()
     from mnist_lightning.sweep.report import report  # these import Optuna, now known to be installed
-    from mnist_lightning.sweep.storage import open_study
-    from mnist_lightning.sweep.trials import optimize
+    from mnist_lightning.sweep.storage import open_study, passed_on
 
     root = Path(recipe.get("trainer.default_root_dir") or ".") / "lightning_logs"
     name = options.study_name or default_name(root, options.resume)
     folder = root / f"sweep-{name}"
+    created = not folder.exists()
     if not options.storage:
         folder.mkdir(parents=True, exist_ok=True)
     url = options.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
-    study = open_study(name, url, options)
-    folder.mkdir(parents=True, exist_ok=True)
-    worker = bool(os.environ.get(WORKER))
-    workers = [] if worker else [spawn(i, args, name, url, options, folder) for i in range(1, options.n_jobs)]
+    with written(url, name):
+        try:
+            study = open_study(name, url, options)
+        except BaseException:
+            if created:  # nothing is left of a study that never opened, for a --resume to pick
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        folder.mkdir(parents=True, exist_ok=True)
+        worker = bool(os.environ.get(WORKER))
+        # The workers' command line; the URL's password goes in their environment, not on the command line,
+        # which every user of the machine sees.
+        joined, secret = passed_on([*args, "--resume", "--study_name", name, "--storage", url], url)
+        search(study, options, recipe, searched, folder, [] if worker else joined, secret)
+        if not worker:
+            report(study, folder)
+    return study
+
+
+def search(
+    study, options: Search, recipe: dict, searched: list[str], folder: Path, spawn_args: list[str], secret: dict
+) -> None:
+    """Run trials here, and with the sweep's ``spawn_args`` (and the environment ``secret``) in --n_jobs - 1 more
+    processes, until the study is done."""
+    from mnist_lightning.sweep.trials import optimize
+
+    workers = [spawn(i, spawn_args, options, folder, secret) for i in range(1, options.n_jobs)] if spawn_args else []
     # SIGTERM (a scheduler's, say) stops the sweep as Ctrl-C does; Lightning's own handler calls this one too.
     sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -50,7 +74,7 @@ def cli_main(args: list[str] | None = None):
             process.send_signal(signal.SIGINT)
         print(
             f"stopped by Ctrl-C or SIGTERM; the interrupted trial does not count. To continue: the same command "
-            f"with --study_name {name} --resume",
+            f"with --study_name {study.study_name} --resume",
             file=sys.stderr,
         )
         raise
@@ -59,9 +83,30 @@ def cli_main(args: list[str] | None = None):
         for i, process in enumerate(workers, 1):
             if process.wait():
                 print(f"worker {i} exited with status {process.returncode}: see {folder}/worker-{i}.log")
-    if not worker:
-        report(study, folder)
-    return study
+
+
+@contextlib.contextmanager
+def written(url: str, name: str):
+    """A study its storage refuses to write (a read-only mount, a full disk) as one line: Optuna's own
+    blames "invalid data in the commit"."""
+    import optuna
+
+    from mnist_lightning.sweep.storage import hidden
+
+    try:
+        yield
+    except optuna.exceptions.StorageInternalError as err:
+        raise UserError(
+            f"cannot write the study to {hidden(url)} ({reason(err)}); make it writable or free some space, then "
+            f"continue with --study_name {name} --resume"
+        ) from None
+
+
+def reason(err: BaseException) -> str:
+    """The database's own words for an error Optuna wrapped: "attempt to write a readonly database"."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return " ".join(str(getattr(err, "orig", None) or err).split())
 
 
 def require_optuna() -> None:
@@ -80,17 +125,13 @@ def default_name(root: Path, resume: bool) -> str:
     return str(max(numbers) if resume else max(numbers, default=-1) + 1)
 
 
-def spawn(i: int, args: list[str], name: str, url: str, options: Search, folder: Path) -> subprocess.Popen:
+def spawn(i: int, args: list[str], options: Search, folder: Path, secret: dict[str, str]) -> subprocess.Popen:
     """One more process joining the study, with its share of the cores and its output in worker-I.log: the
     same command line, which fixes the same options, naming the study this one opened."""
-    from mnist_lightning.sweep.storage import passed_on
-
-    # The URL's password goes in the environment, not on the command line, which every user of the machine sees.
-    args, whole_url = passed_on([*args, "--resume", "--study_name", name, "--storage", url], url)
     argv = [sys.executable, "-m", "mnist_lightning.sweep", *args]
     threads = str(max(1, (os.cpu_count() or 1) // options.n_jobs))
     with open(folder / f"worker-{i}.log", "w") as log:
-        env = {**os.environ, **whole_url, "OMP_NUM_THREADS": threads, WORKER: str(i)}
+        env = {**os.environ, **secret, "OMP_NUM_THREADS": threads, WORKER: str(i)}
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
