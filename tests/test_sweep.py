@@ -212,6 +212,17 @@ def test_a_fits_own_check_of_a_nan_reaches_the_sweep_as_one_line(data_dir, tmp_p
     assert proc.stderr.splitlines()[-1] == "error: mean must be finite and std positive, got nan and 0.3081"
 
 
+def test_a_one_epoch_trial_reports_its_value_and_is_never_pruned_on_it(data_dir, tmp_path):
+    args = sweep_args(data_dir, tmp_path, "--study_name", "e", "--prune_startup_trials", "1")
+    args += ["--prune_warmup_epochs", "0"]
+    sweep.cli_main([*args, "--n_trials", "1"])
+    # A rate that cannot learn: below the median, at the last epoch, where nothing is pruned.
+    study = sweep.cli_main([*args, "--resume", "--n_trials", "2", "--model.lr", "1e-7"])
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert all(list(t.intermediate_values) == [0] for t in study.trials)
+    assert study.trials[1].intermediate_values[0] < study.trials[0].intermediate_values[0]
+
+
 def test_without_optuna_the_sweep_says_what_to_install(tmp_path, monkeypatch, capsys):
     # Optuna's import fails, as where the sweep extra is not installed.
     code = "import sys; sys.modules['optuna'] = None; from mnist_lightning.sweep.study import main; main()"

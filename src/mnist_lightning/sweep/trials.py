@@ -8,8 +8,8 @@ from pathlib import Path
 import optuna
 import torch
 import yaml
+from lightning.pytorch import Callback
 from optuna.trial import Trial, TrialState
-from optuna_integration import PyTorchLightningPruningCallback
 
 from mnist_lightning import fit
 from mnist_lightning.errors import UserError
@@ -18,24 +18,29 @@ from mnist_lightning.sweep.options import nested
 OBJECTIVE, PRUNED_ON = "val/acc_best", "val/acc"
 
 
-class Pruning(PyTorchLightningPruningCallback):
-    """optuna-integration's pruning callback, with its TrialPruned held until the epoch that pruned the trial
-    has written its checkpoints (they are written after this hook): the fit stops then, before any test.
-    The last epoch is never pruned: stopping then saves nothing, and would throw away a finished trial."""
+class Pruning(Callback):
+    """Reports each epoch's val/acc to the trial, the last one included, and stops the fit where the pruner
+    says so, but never at the last epoch: stopping then saves nothing, and would throw away a finished trial.
 
-    pruned: optuna.TrialPruned | None = None
+    The TrialPruned is held until the epoch that pruned the trial has written its checkpoints (they are
+    written after this hook): the fit stops then, before any test. Not optuna-integration's callback: its
+    one hook is the one replaced here."""
+
+    def __init__(self, trial: Trial):
+        self.trial, self.pruned_at = trial, None
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch + 1 >= (trainer.max_epochs or 0) > 0:
+        if trainer.sanity_checking:
             return
-        try:
-            super().on_validation_end(trainer, pl_module)
-        except optuna.TrialPruned as pruned:
-            self.pruned, trainer.should_stop = pruned, True
+        epoch = trainer.current_epoch
+        self.trial.report(float(trainer.callback_metrics[PRUNED_ON]), step=epoch)
+        last = epoch + 1 >= (trainer.max_epochs or 0) > 0
+        if not last and self.trial.should_prune():
+            self.pruned_at, trainer.should_stop = epoch, True
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.pruned:
-            raise self.pruned
+        if self.pruned_at is not None:
+            raise optuna.TrialPruned(f"pruned at epoch {self.pruned_at}")
 
 
 def counted(study: optuna.Study, up_to: int | None = None) -> int:
@@ -78,7 +83,7 @@ def run_trial(study: optuna.Study, trial: Trial, recipe: dict, space: dict, fold
     print(f"trial {trial.number}: " + ", ".join(f"{k} {v:.4g}" for k, v in params.items()), flush=True)
     started = time.perf_counter()
     try:
-        result = fit.cli_main(args, callbacks=(Pruning(trial, PRUNED_ON),) if prune else ())
+        result = fit.cli_main(args, callbacks=(Pruning(trial),) if prune else ())
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         (frozen,) = (t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
