@@ -16,6 +16,7 @@ from mnist_lightning import fit
 from mnist_lightning.errors import UserError
 from mnist_lightning.sweep import study as sweep
 from mnist_lightning.sweep.options import SPACE, Search, flat, parse
+from mnist_lightning.sweep.trials import counts
 
 # One epoch, batches of 32: a trial takes about a second, and its first epoch already learns the data.
 TINY = [*FAST, "--trainer.max_epochs", "1", "--data.batch_size", "32"]
@@ -179,6 +180,8 @@ def test_mistakes_are_one_line_and_start_no_study(data_dir, tmp_path):
         (["--timeout", "0"], "--timeout must be a positive number of seconds"),
         ({"timeout": float("nan")}, "--timeout must be a positive number of seconds, got nan"),
         ({"timeout": float("inf")}, "--timeout must be a positive number of seconds, got inf"),
+        (["--heartbeat_interval", "0"], "--heartbeat_interval must be 1 s or more"),
+        (["--heartbeat_interval", "5", "--grace_period", "5"], "--grace_period longer than it"),
         (["--storage", " ", "--study_name", "s"], "--storage is empty"),
         (["--storage", "sqlite://", "--study_name", "s", "--n_jobs", "2"], "cannot share"),
         (["--storage", "sqlite:///:memory:", "--study_name", "s", "--n_jobs", "2"], "cannot share"),
@@ -210,6 +213,16 @@ def test_a_fits_own_check_of_a_nan_reaches_the_sweep_as_one_line(data_dir, tmp_p
                       str(tmp_path / "nan.yaml"), cwd=tmp_path, check=False)  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.splitlines()[-1] == "error: mean must be finite and std positive, got nan and 0.3081"
+
+
+def test_only_finished_running_and_their_own_failures_count_toward_n_trials():
+    def trial(state, **attrs):
+        return optuna.create_trial(state=state, value=1.0 if state == TrialState.COMPLETE else None, user_attrs=attrs)
+
+    assert counts(trial(TrialState.COMPLETE)) and counts(trial(TrialState.PRUNED)) and counts(trial(TrialState.RUNNING))
+    assert counts(trial(TrialState.FAIL, error="train/loss is nan"))  # the recipe's own result
+    assert not counts(trial(TrialState.FAIL))  # its process died: failed by the heartbeat, and retried
+    assert not counts(trial(TrialState.FAIL, uncounted="interrupted")) and not counts(trial(TrialState.WAITING))
 
 
 def test_a_one_epoch_trial_reports_its_value_and_is_never_pruned_on_it(data_dir, tmp_path):

@@ -21,6 +21,8 @@ from mnist_lightning.errors import UserError
 from mnist_lightning.model import MNISTClassifier
 from mnist_lightning.training.trainer import DEFAULTS, MNISTCLI
 
+# What a trial is scored by, the study maximises and optuna-dashboard names; what pruning compares each epoch.
+OBJECTIVE, PRUNED_ON = "val/acc_best", "val/acc"
 # The search space, by fit's option names. The network and the epochs stay as given.
 SPACE = {
     "model.lr": lambda trial, name: trial.suggest_float(name, 1e-3, 3e-2, log=True),  # the one-cycle peak
@@ -45,7 +47,7 @@ class Search:
     """The search's options (every other option goes to each trial's fit)
 
     Args:
-        n_trials: trials in the study when done, of every process
+        n_trials: trials in the study when done, of every process; one whose process died is tried again
         study_name: default: the next free N of lightning_logs/sweep-N (--resume: the newest)
         storage: an Optuna RDB URL (sqlite:///FILE, postgresql://..., mysql://...) or a journal file's path,
             for a shared filesystem; default: SQLite in lightning_logs/sweep-NAME/
@@ -54,6 +56,9 @@ class Search:
         pruner: Optuna's MedianPruner, or none
         prune_startup_trials: trials that end before any is pruned
         prune_warmup_epochs: epochs of each trial never pruned
+        heartbeat_interval: seconds between a running trial's heartbeats, in an RDB storage
+        grace_period: seconds without a heartbeat after which a trial's process counts as dead: its trial is
+            failed and tried again; default: twice the interval
     """
 
     n_trials: int
@@ -64,6 +69,8 @@ class Search:
     pruner: Literal["median", "none"] = "median"
     prune_startup_trials: int = 5
     prune_warmup_epochs: int = 1
+    heartbeat_interval: int = 60
+    grace_period: int | None = None
     resume: bool = False  # a flag, added by SweepCLI
 
     def __post_init__(self):
@@ -77,6 +84,12 @@ class Search:
             )
         if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
             raise UserError(f"--timeout must be a positive number of seconds, got {self.timeout}; leave it out: none")
+        grace = self.grace_period
+        if self.heartbeat_interval < 1 or not (grace is None or grace > self.heartbeat_interval):
+            raise UserError(
+                f"--heartbeat_interval must be 1 s or more and --grace_period longer than it, got "
+                f"{self.heartbeat_interval} and {self.grace_period}"
+            )
         if self.storage is not None and not self.storage.strip():
             raise UserError("--storage is empty: give a database URL or a journal file's path, or leave it out")
         if self.storage and not self.study_name:

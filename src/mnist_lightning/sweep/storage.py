@@ -4,16 +4,18 @@ A URL may hold a password (postgresql://user:password@host/db): the sweep shows 
 or passes on the URL, the command lines of the processes it starts (which ``ps`` shows to every user) included.
 """
 
+import contextlib
 import os
 import time
 import warnings
 
 import optuna
 import sqlalchemy.exc
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from sqlalchemy.engine import make_url
 
 from mnist_lightning.errors import UserError
-from mnist_lightning.sweep.trials import OBJECTIVE
+from mnist_lightning.sweep.options import OBJECTIVE, in_memory
 
 # The whole URL, password included, for the processes that --n_jobs starts: their --storage shows it hidden.
 URL_VARIABLE = "MNIST_LIGHTNING_SWEEP_STORAGE"
@@ -35,7 +37,7 @@ def open_study(name: str, url: str, options) -> optuna.Study:
     try:
         if "://" in url:  # SQLite waits up to a minute for another process's write, not 5 s
             timeout = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-            storage = rdb_storage(url, timeout)
+            storage = rdb_storage(url, timeout, **heartbeat(options))
         else:
             storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
         exists = name in {s.study_name for s in storage.get_all_studies()}
@@ -105,14 +107,42 @@ def missing_driver(url: str, err: ImportError) -> UserError:
     )
 
 
-def rdb_storage(url: str, engine_kwargs: dict) -> optuna.storages.RDBStorage:
+def rdb_storage(url: str, engine_kwargs: dict, **kwargs) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage; two processes making a new database's tables at once collide on its schema
     version (a UNIQUE constraint, or a table that already exists), and the one that lost simply retries."""
     for attempt in range(10):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
             collided = isinstance(err, sqlalchemy.exc.IntegrityError) or "already exists" in str(err)
             if not collided or attempt == 9:
                 raise
             time.sleep(0.2)
+
+
+def heartbeat(options) -> dict:
+    """Optuna's heartbeat, for RDB storages: a process that dies mid-trial (kill -9, a lost machine) leaves its
+    trial running; once the trial's last beat is older than the grace period, the next process to look fails
+    it and asks for its parameters again, twice at most. A journal file has no heartbeat, and SQLite in
+    memory, one process's, needs none."""
+    if options.storage and in_memory(options.storage):
+        return {}
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+    return dict(
+        heartbeat_interval=options.heartbeat_interval,
+        grace_period=options.grace_period,
+        heartbeat_stale_trial_callback=retry,
+    )
+
+
+def has_heartbeat(study: optuna.Study) -> bool:
+    """Whether the study's storage beats (RDB) or not (a journal file)."""
+    return is_heartbeat_enabled(study._storage)
+
+
+@contextlib.contextmanager
+def beating(study: optuna.Study, trial: optuna.Trial):
+    """The trial's heartbeat while it runs. study.optimize beats for its trials; the sweep asks and tells
+    (to count trials across processes), so it starts Optuna's own heartbeat thread as optimize does."""
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        yield

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from mnist_lightning.errors import UserError, run_main
@@ -29,6 +30,8 @@ def cli_main(args: list[str] | None = None):
     # fit's one-line error for a mistake in its options, before any trial; --help works without Optuna.
     options, recipe, searched = parse(args, __doc__.split("\n\n", 1)[1])
     require_optuna()
+    import optuna
+
     from mnist_lightning.sweep.report import report  # these import Optuna, now known to be installed
     from mnist_lightning.sweep.storage import open_study, passed_on
 
@@ -41,7 +44,9 @@ def cli_main(args: list[str] | None = None):
     url = options.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
     with written(url, name):
         try:
-            study = open_study(name, url, options)
+            with warnings.catch_warnings():  # Optuna marks the heartbeat experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study = open_study(name, url, options)
         except BaseException:
             if created:  # nothing is left of a study that never opened, for a --resume to pick
                 shutil.rmtree(folder, ignore_errors=True)

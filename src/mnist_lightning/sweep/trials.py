@@ -3,6 +3,7 @@
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -13,9 +14,8 @@ from optuna.trial import Trial, TrialState
 
 from mnist_lightning import fit
 from mnist_lightning.errors import UserError
-from mnist_lightning.sweep.options import nested
-
-OBJECTIVE, PRUNED_ON = "val/acc_best", "val/acc"
+from mnist_lightning.sweep.options import OBJECTIVE, PRUNED_ON, nested
+from mnist_lightning.sweep.storage import beating, has_heartbeat
 
 
 class Pruning(Callback):
@@ -43,10 +43,18 @@ class Pruning(Callback):
             raise optuna.TrialPruned(f"pruned at epoch {self.pruned_at}")
 
 
+def counts(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts toward --n_trials: finished, or running. One that failed in its own training
+    (a NaN loss) is that recipe's result and counts; one whose process died (failed by the heartbeat, and
+    asked again), was interrupted or was one too many does not, nor one waiting to be retried."""
+    if "uncounted" in trial.user_attrs or trial.state == TrialState.WAITING:
+        return False
+    return trial.state != TrialState.FAIL or "error" in trial.user_attrs
+
+
 def counted(study: optuna.Study, up_to: int | None = None) -> int:
-    """The study's trials, but for those that do not count (interrupted, or one too many), up to a number."""
-    trials = study.get_trials(deepcopy=False)
-    return sum(1 for t in trials if "uncounted" not in t.user_attrs and (up_to is None or t.number <= up_to))
+    """The study's trials that count, up to a number."""
+    return sum(counts(t) and (up_to is None or t.number <= up_to) for t in study.get_trials(deepcopy=False))
 
 
 def optimize(study: optuna.Study, options, recipe: dict, space: dict, folder: Path) -> None:
@@ -54,16 +62,30 @@ def optimize(study: optuna.Study, options, recipe: dict, space: dict, folder: Pa
     if options.n_jobs > 1:  # this process's share of the cores; the workers get theirs through the environment
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.n_jobs))
     start = time.monotonic()
-    while counted(study) < options.n_trials:
+    while True:
         if options.timeout and time.monotonic() - start > options.timeout:
             print(f"--timeout {options.timeout:g} s reached: no new trial in this process")
-            return
-        trial = study.ask()
+            break
+        # A trial whose process died (kill -9, a lost machine) is failed once its heartbeat is older than the
+        # grace period, and its parameters are asked again; until then it is running, and counts.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        if counted(study) >= options.n_trials:
+            running = any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+            if not (running and has_heartbeat(study)):
+                break
+            time.sleep(min(options.heartbeat_interval, 5))  # for the study's last trials: finished, or stale
+            continue
+        with warnings.catch_warnings():  # "supposed to be used with Study.optimize": beating() is ours
+            warnings.simplefilter("ignore")
+            trial = study.ask()
         if counted(study, up_to=trial.number) > options.n_trials:  # another process asked at the same moment
             trial.set_user_attr("uncounted", "one too many: the study had its trials")
             study.tell(trial, state=TrialState.FAIL)
-            return
-        run_trial(study, trial, recipe, space, folder, options.pruner == "median")
+            break
+        with beating(study, trial):
+            run_trial(study, trial, recipe, space, folder, options.pruner == "median")
 
 
 def run_trial(study: optuna.Study, trial: Trial, recipe: dict, space: dict, folder: Path, prune: bool) -> None:
