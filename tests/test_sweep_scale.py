@@ -1,4 +1,4 @@
-"""A sweep beyond one process: trials whose process died."""
+"""A sweep beyond one process: DDP trials, one GPU a worker, and trials whose process died."""
 
 import signal
 import subprocess
@@ -11,6 +11,8 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import FAST
+from mnist_lightning.sweep import study as sweep
+from mnist_lightning.sweep.options import Search
 
 
 def command(data_dir, root, *more: str) -> list[str]:
@@ -53,3 +55,22 @@ def test_a_trial_whose_process_was_killed_fails_and_is_tried_again_on_resume(dat
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
     assert len(retried) == 1 and retried[0].params == killed[1].params and retried[0].state == TrialState.COMPLETE
     assert "study k: 3 trials, 3 complete" in out or "3 complete" in out
+
+
+def test_each_n_jobs_worker_gets_its_own_gpu_round_robin(tmp_path, monkeypatch):
+    assert [sweep.device_env(i, ["0", "1", "2"]) for i in range(4)] == [
+        {"CUDA_VISIBLE_DEVICES": d} for d in ("0", "1", "2", "0")
+    ]
+    assert sweep.device_env(1, []) == {}  # no GPU: nothing changes
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, GPU-5f2a")  # a list given, UUIDs too, is respected
+    assert sweep.gpus() == ["3", "GPU-5f2a"]
+    # The environment each worker process is started with.
+    started = []
+    monkeypatch.setattr(sweep.subprocess, "Popen", lambda argv, env, **kwargs: started.append((argv, env)))
+    options = Search(n_trials=4, n_jobs=3)
+    for i in (1, 2):
+        sweep.spawn(i, ["--n_trials", "4"], options, tmp_path, sweep.gpus())
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["GPU-5f2a", "3"]
+    assert [env[sweep.WORKER] for _, env in started] == ["1", "2"] and started[0][0][-2:] == ["--n_trials", "4"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # none: nothing changes
+    assert sweep.gpus() == [] and sweep.device_env(1, sweep.gpus()) == {}

@@ -51,7 +51,7 @@ class Search:
         study_name: default: the next free N of lightning_logs/sweep-N (--resume: the newest)
         storage: an Optuna RDB URL (sqlite:///FILE, postgresql://..., mysql://...) or a journal file's path,
             for a shared filesystem; default: SQLite in lightning_logs/sweep-NAME/
-        n_jobs: processes on this machine running trials side by side
+        n_jobs: processes on this machine running trials side by side, each on its own GPU where there are some
         timeout: seconds after which this process starts no new trial
         pruner: Optuna's MedianPruner, or none
         prune_startup_trials: trials that end before any is pruned

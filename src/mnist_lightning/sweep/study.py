@@ -69,7 +69,11 @@ def search(
     processes, until the study is done."""
     from mnist_lightning.sweep.trials import optimize
 
-    workers = [spawn(i, spawn_args, options, folder, secret) for i in range(1, options.n_jobs)] if spawn_args else []
+    workers = []
+    if spawn_args and options.n_jobs > 1:
+        visible = gpus()
+        workers = [spawn(i, spawn_args, options, folder, visible, secret) for i in range(1, options.n_jobs)]
+        os.environ.update(device_env(0, visible))  # this process is worker 0; before CUDA starts in it
     # SIGTERM (a scheduler's, say) stops the sweep as Ctrl-C does; Lightning's own handler calls this one too.
     sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -130,14 +134,33 @@ def default_name(root: Path, resume: bool) -> str:
     return str(max(numbers) if resume else max(numbers, default=-1) + 1)
 
 
-def spawn(i: int, args: list[str], options: Search, folder: Path, secret: dict[str, str]) -> subprocess.Popen:
-    """One more process joining the study, with its share of the cores and its output in worker-I.log: the
-    same command line, which fixes the same options, naming the study this one opened."""
+def spawn(
+    i: int, args: list[str], options: Search, folder: Path, visible: list[str], secret: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """One more process joining the study, with its share of the cores, its own GPU where there are some, and
+    its output in worker-I.log: the same command line, which fixes the same options, naming the study this
+    one opened; ``secret`` is the environment that holds the storage URL's password."""
     argv = [sys.executable, "-m", "mnist_lightning.sweep", *args]
     threads = str(max(1, (os.cpu_count() or 1) // options.n_jobs))
     with open(folder / f"worker-{i}.log", "w") as log:
-        env = {**os.environ, **secret, "OMP_NUM_THREADS": threads, WORKER: str(i)}
+        env = {**os.environ, **(secret or {}), "OMP_NUM_THREADS": threads, WORKER: str(i), **device_env(i, visible)}
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them: the list it was given, else all.
+    torch counts them by NVML, which leaves CUDA uninitialised, so that this process can still pick one."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [device.strip() for device in given.split(",") if device.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def device_env(worker: int, visible: list[str]) -> dict[str, str]:
+    """--n_jobs worker's own GPU, round-robin over those visible; with none, nothing changes."""
+    return {"CUDA_VISIBLE_DEVICES": visible[worker % len(visible)]} if visible else {}
 
 
 def main() -> None:
