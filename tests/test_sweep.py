@@ -185,6 +185,8 @@ def test_mistakes_are_one_line_and_start_no_study(data_dir, tmp_path):
         (["--storage", " ", "--study_name", "s"], "--storage is empty"),
         (["--storage", "sqlite://", "--study_name", "s", "--n_jobs", "2"], "cannot share"),
         (["--storage", "sqlite:///:memory:", "--study_name", "s", "--n_jobs", "2"], "cannot share"),
+        (["--trainer.num_nodes", "2"], "--trainer.num_nodes 2: a sweep's trials train on one machine"),
+        (["--trainer.strategy", "ddp_spawn"], "--trainer.strategy ddp_spawn: .* --trainer.strategy ddp"),
     ],
 )
 def test_the_searchs_own_bad_values_are_one_line_and_leave_nothing_to_resume(data_dir, tmp_path, given, message):

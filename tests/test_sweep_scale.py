@@ -1,5 +1,6 @@
 """A sweep beyond one process: DDP trials, one GPU a worker, and trials whose process died."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -13,6 +14,22 @@ from optuna.trial import TrialState
 from conftest import FAST
 from mnist_lightning.sweep import study as sweep
 from mnist_lightning.sweep.options import Search
+
+SPY = '''
+import json, os
+from lightning.pytorch import Callback
+
+class Spy(Callback):
+    """Each rank's record of each epoch it trained, and with what."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        seen = {"rank": trainer.global_rank, "ranks": trainer.world_size, "pid": os.getpid(),
+                "trial": trainer.logger.version, "epoch": trainer.current_epoch}
+        seen.update({f"model.{k}": v for k, v in pl_module.hparams.items()})
+        seen.update({f"data.{k}": v for k, v in trainer.datamodule.hparams.items()})
+        with open(os.environ["SPY_RECORD"], "a") as record:
+            record.write(json.dumps(seen, default=str) + "\\n")
+'''
 
 
 def command(data_dir, root, *more: str) -> list[str]:
@@ -30,6 +47,41 @@ def _env() -> dict:
     import os
 
     return {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.mark.slow
+def test_ddp_trials_follow_rank_zeros_trial_and_stop_together_when_pruned(data_dir, tmp_path):
+    (tmp_path / "spy.py").write_text(SPY)
+    record = tmp_path / "spy.jsonl"
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    prune = ["--prune_startup_trials", "2", "--prune_warmup_epochs", "0", "--trainer.callbacks", "spy.Spy"]
+    cmd = command(data_dir, tmp_path, *ddp, *prune, "--study_name", "d")
+    run([*cmd, "--n_trials", "2"], tmp_path, SPY_RECORD=str(record))
+    # A rate that cannot learn: its first epoch is far below the others', and it is pruned there.
+    out = run([*cmd, "--n_trials", "3", "--resume", "--model.lr", "1e-7"], tmp_path, SPY_RECORD=str(record))
+    assert "trial 2 pruned after epoch 1" in out
+
+    folder = tmp_path / "lightning_logs" / "sweep-d"
+    storage = f"sqlite:///{folder / 'study.db'}"
+    assert optuna.get_all_study_names(storage) == ["d"]  # no study of another rank's, here or elsewhere
+    assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["sweep-d"]
+    assert list(tmp_path.rglob("study.db")) == [folder / "study.db"] and list(tmp_path.rglob("best.yaml")) == [
+        folder / "best.yaml"
+    ]
+    trials = optuna.load_study(study_name="d", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED]
+
+    seen = [json.loads(line) for line in record.read_text().splitlines()]
+    # Two ranks, the other one started once for each sweep command, and following it from trial to trial.
+    assert {s["ranks"] for s in seen} == {2} and len({s["pid"] for s in seen if s["rank"] == 1}) == 2
+    for t in trials:
+        epochs = [s for s in seen if s["trial"] == f"trial-{t.number}"]
+        # Both ranks trained the same epochs, each with the trial's own values: 2 epochs, or 1 when pruned.
+        ran = sorted((s["epoch"], s["rank"]) for s in epochs)
+        assert ran == [(e, r) for e in range(1 if t.state == TrialState.PRUNED else 2) for r in (0, 1)]
+        for s in epochs:
+            assert all(s[name] == value for name, value in t.params.items()), (s, t.params)
+    assert seen[-1]["model.lr"] == 1e-7
 
 
 @pytest.mark.slow

@@ -156,6 +156,7 @@ def parse(args: list[str], description: str) -> tuple[Search, dict, list[str]]:
     search = Search(**{f.name: cli.config[f.name] for f in fields(Search)})
     config, defaults = (fit_options(cli.parser, c) for c in (cli.config, cli.parser.get_defaults()))
     recipe = {key: value for key, value in config.items() if key not in defaults or defaults[key] != value}
+    check_ranks(config)
     searched = [name for name in SPACE if name not in cli.given and (name not in MATTERS or MATTERS[name](config))]
     if not searched:
         raise UserError(
@@ -163,6 +164,19 @@ def parse(args: list[str], description: str) -> tuple[Search, dict, list[str]]:
             "effect; leave some out (--print_config=skip_default writes only the options given)"
         )
     return search, recipe, searched
+
+
+def check_ranks(config: dict) -> None:
+    """A trial trains in the sweep's process, and under DDP in the ranks Lightning starts beside it on this
+    machine (sweep.ranks); ranks spawned in new processes, or on other machines, would hold no trial."""
+    strategy = str(config["trainer.strategy"])
+    if (config["trainer.num_nodes"] or 1) > 1:
+        raise UserError(
+            f"--trainer.num_nodes {config['trainer.num_nodes']}: a sweep's trials train on one machine each; to use "
+            "more, start the sweep on each machine with the same --storage and --study_name, and --resume"
+        )
+    if re.search("spawn|fork|notebook", strategy):
+        raise UserError(f"--trainer.strategy {strategy}: a sweep's DDP trials train under ddp: --trainer.strategy ddp")
 
 
 def fit_options(parser, config) -> dict:

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from mnist_lightning.errors import UserError, run_main
+from mnist_lightning.sweep import ranks
 from mnist_lightning.sweep.options import SPACE, Search, parse
 from mnist_lightning.training import console, speedups
 
@@ -27,6 +28,8 @@ WORKER = "MNIST_LIGHTNING_SWEEP_WORKER"
 def cli_main(args: list[str] | None = None):
     """Parse the command line, run trials until the study holds --n_trials, then report; returns the study."""
     args = list(sys.argv[1:] if args is None else args)
+    if ranks.follows():  # a DDP trial's other rank, started by Lightning's launcher with this command line
+        return ranks.follow()
     # fit's one-line error for a mistake in its options, before any trial; --help works without Optuna.
     options, recipe, searched = parse(args, __doc__.split("\n\n", 1)[1])
     require_optuna()

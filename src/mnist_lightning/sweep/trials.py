@@ -14,6 +14,7 @@ from optuna.trial import Trial, TrialState
 
 from mnist_lightning import fit
 from mnist_lightning.errors import UserError
+from mnist_lightning.sweep import ranks
 from mnist_lightning.sweep.options import OBJECTIVE, PRUNED_ON, nested
 from mnist_lightning.sweep.storage import beating, has_heartbeat
 
@@ -22,20 +23,24 @@ class Pruning(Callback):
     """Reports each epoch's val/acc to the trial, the last one included, and stops the fit where the pruner
     says so, but never at the last epoch: stopping then saves nothing, and would throw away a finished trial.
 
-    The TrialPruned is held until the epoch that pruned the trial has written its checkpoints (they are
-    written after this hook): the fit stops then, before any test. Not optuna-integration's callback: its
-    one hook is the one replaced here."""
+    Under DDP rank zero alone holds the trial (``trial`` None elsewhere) and its verdict is broadcast, so
+    that every rank stops at the same epoch. The TrialPruned is held until the epoch that pruned the trial
+    has written its checkpoints (they are written after this hook): the fit stops then, before any test.
+    Not optuna-integration's callback: its one hook is the one replaced here, and its DDP mode is for
+    ranks spawned with a copy of the trial."""
 
-    def __init__(self, trial: Trial):
+    def __init__(self, trial: Trial | None):
         self.trial, self.pruned_at = trial, None
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        epoch = trainer.current_epoch
-        self.trial.report(float(trainer.callback_metrics[PRUNED_ON]), step=epoch)
-        last = epoch + 1 >= (trainer.max_epochs or 0) > 0
-        if not last and self.trial.should_prune():
+        prune, epoch = False, trainer.current_epoch
+        if self.trial is not None:
+            self.trial.report(float(trainer.callback_metrics[PRUNED_ON]), step=epoch)
+            last = epoch + 1 >= (trainer.max_epochs or 0) > 0
+            prune = not last and self.trial.should_prune()
+        if trainer.strategy.broadcast(prune):
             self.pruned_at, trainer.should_stop = epoch, True
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -86,6 +91,7 @@ def optimize(study: optuna.Study, options, recipe: dict, space: dict, folder: Pa
             break
         with beating(study, trial):
             run_trial(study, trial, recipe, space, folder, options.pruner == "median")
+    ranks.finish()
 
 
 def run_trial(study: optuna.Study, trial: Trial, recipe: dict, space: dict, folder: Path, prune: bool) -> None:
@@ -97,12 +103,9 @@ def run_trial(study: optuna.Study, trial: Trial, recipe: dict, space: dict, fold
     trial.set_user_attr("recipe", own)
     run = folder / f"trial-{trial.number}"
     trial.set_user_attr("run", str(run.resolve()))
-    where = {"save_dir": str(folder.resolve()), "name": "", "version": run.name, "default_hp_metric": False}
-    where["ticked"] = [name.replace(".", "/") for name in params]  # HPARAMS opens on the searched settings
-    logger = {"class_path": "mnist_lightning.training.tensorboard.RunLogger", "init_args": where}
-    # Not tested: the test set is looked at once, for the best trial, after the search.
-    args = ["--config", yaml.safe_dump(own), "--trainer.limit_test_batches=0", f"--trainer.logger={json.dumps(logger)}"]
     print(f"trial {trial.number}: " + ", ".join(f"{k} {v:.4g}" for k, v in params.items()), flush=True)
+    args = fit_args(own, folder, run.name, searched=list(params))
+    ranks.share(args, prune)  # with a DDP trial's other ranks, which follow this one
     started = time.perf_counter()
     try:
         result = fit.cli_main(args, callbacks=(Pruning(trial),) if prune else ())
@@ -130,3 +133,12 @@ def run_trial(study: optuna.Study, trial: Trial, recipe: dict, space: dict, fold
     trial.set_user_attr("seconds", time.perf_counter() - started)
     trial.set_user_attr("best_model_path", str(Path(result["best_model_path"]).resolve()))
     study.tell(trial, result[OBJECTIVE])
+
+
+def fit_args(own: dict, folder: Path, version: str, searched: list[str]) -> list[str]:
+    """fit's command line for a trial's recipe, logging to folder/version and not tested: the test set is
+    looked at once, for the best trial, after the search."""
+    where = {"save_dir": str(folder.resolve()), "name": "", "version": version, "default_hp_metric": False}
+    where["ticked"] = [name.replace(".", "/") for name in searched]  # HPARAMS opens on the searched settings
+    logger = {"class_path": "mnist_lightning.training.tensorboard.RunLogger", "init_args": where}
+    return ["--config", yaml.safe_dump(own), "--trainer.limit_test_batches=0", f"--trainer.logger={json.dumps(logger)}"]
