@@ -122,12 +122,11 @@ def reason(err: BaseException) -> str:
 
 
 def require_optuna() -> None:
-    for module in ("optuna", "optuna_integration"):
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            needed = err.name or module
-            raise UserError(f"the sweep needs {needed}, not installed: pip install 'mnist-lightning[sweep]'") from None
+    try:
+        importlib.import_module("optuna")
+    except ImportError as err:
+        needed = err.name or "optuna"
+        raise UserError(f"the sweep needs {needed}, not installed: pip install 'mnist-lightning[sweep]'") from None
 
 
 def default_name(root: Path, resume: bool) -> str:
