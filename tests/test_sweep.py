@@ -215,6 +215,9 @@ def test_a_fits_own_check_of_a_nan_reaches_the_sweep_as_one_line(data_dir, tmp_p
                       str(tmp_path / "nan.yaml"), cwd=tmp_path, check=False)  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.splitlines()[-1] == "error: mean must be finite and std positive, got nan and 0.3081"
+    # The refused trial ran nothing and does not count: the command, fixed and resumed, runs both trials.
+    study = sweep.cli_main(sweep_args(data_dir, tmp_path, "--n_trials", "2", "--resume", "--pruner", "none"))
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
 
 
 def test_only_finished_running_and_their_own_failures_count_toward_n_trials():

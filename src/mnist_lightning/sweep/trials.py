@@ -118,9 +118,11 @@ def run_trial(study: optuna.Study, trial: Trial, recipe: dict, space: dict, fold
         return
     except UserError as err:
         trial.set_user_attr("error", str(err))
-        study.tell(trial, state=TrialState.FAIL)
         if not run.exists():  # it failed before its fit began: the options are wrong, for every trial
+            trial.set_user_attr("uncounted", "its options were refused: nothing ran")  # a fixed resume runs all
+            study.tell(trial, state=TrialState.FAIL)
             raise
+        study.tell(trial, state=TrialState.FAIL)
         print(f"trial {trial.number} failed: {err}; the search goes on")
         return
     except (KeyboardInterrupt, SystemExit):  # Lightning turns a Ctrl-C during a fit into SystemExit(1)
