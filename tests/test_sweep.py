@@ -178,8 +178,8 @@ def test_mistakes_are_one_line_and_start_no_study(data_dir, tmp_path):
         (["--n_jobs", "0"], "--n_trials and --n_jobs must be positive"),
         (["--timeout", "-5"], "--timeout must be a positive number of seconds, got -5.0"),
         (["--timeout", "0"], "--timeout must be a positive number of seconds"),
-        ({"timeout": float("nan")}, "--timeout must be a positive number of seconds, got nan"),
-        ({"timeout": float("inf")}, "--timeout must be a positive number of seconds, got inf"),
+        ({"timeout": float("nan")}, "--timeout is nan: it must be a finite number"),
+        ({"timeout": float("inf")}, "--timeout is inf: it must be a finite number"),
         (["--heartbeat_interval", "0"], "--heartbeat_interval must be 1 s or more"),
         (["--heartbeat_interval", "5", "--grace_period", "5"], "--grace_period longer than it"),
         (["--storage", " ", "--study_name", "s"], "--storage is empty"),
@@ -214,7 +214,16 @@ def test_a_fits_own_check_of_a_nan_reaches_the_sweep_as_one_line(data_dir, tmp_p
     proc = run_module("mnist_lightning.sweep", *sweep_args(data_dir, tmp_path, "--n_trials", "2"), "--config",
                       str(tmp_path / "nan.yaml"), cwd=tmp_path, check=False)  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.splitlines()[-1] == "error: mean must be finite and std positive, got nan and 0.3081"
+    assert proc.stderr.splitlines()[-1] == "error: --data.mean is nan: it must be a finite number"
+    assert not (tmp_path / "lightning_logs").exists()  # refused with fit's options, before any study
+
+
+def test_a_trial_whose_options_fit_refuses_does_not_count(data_dir, tmp_path):
+    # Refused when the trial's fit sets its data up, not when the options are parsed: the study exists by then.
+    proc = run_module("mnist_lightning.sweep", *sweep_args(data_dir, tmp_path, "--n_trials", "2"),
+                      "--data.val_size", "5000", cwd=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("error: val_size 5000 leaves no training data")
     # The refused trial ran nothing and does not count: the command, fixed and resumed, runs both trials.
     study = sweep.cli_main(sweep_args(data_dir, tmp_path, "--n_trials", "2", "--resume", "--pruner", "none"))
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
