@@ -93,7 +93,7 @@ def test_loss_falls_on_a_tiny_batch():
 
 
 def test_the_confusion_matrix_is_legible():
-    from mnist_lightning.training import tensorboard as report
+    from mnist_lightning.training import figures as report
 
     matrix = torch.eye(10, dtype=torch.long) * 1013  # four-digit counts, the real test set's size
     matrix[3, 8] = 1
@@ -115,7 +115,7 @@ def test_the_confusion_matrix_is_legible():
 
 
 def test_the_misread_digits_are_captioned():
-    from mnist_lightning.training import tensorboard as report
+    from mnist_lightning.training import figures as report
 
     images = torch.rand(10, 1, 28, 28)
     figure = report.mistakes_figure(images, torch.arange(10), torch.arange(10).flip(0), columns=4)
