@@ -1,5 +1,7 @@
 """A real ``python -m mnist_lightning.serve`` process on a free loopback port, for the server's tests."""
 
+import asyncio
+import concurrent.futures
 import http.client
 import json
 import os
@@ -73,3 +75,10 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.proc.stdout.close()
+
+
+def run_coroutine(coroutine):
+    """``asyncio.run`` in a thread of its own: Playwright's sync API, once a browser test has started it,
+    keeps an event loop running in the main thread for the rest of the session."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()

@@ -19,6 +19,7 @@ from mnist_lightning.files.images import MAX_PIXELS, decode, open_image, read_im
 from mnist_lightning.serve import decoding
 from mnist_lightning.serve.decoding import INLINE_BYTES, INLINE_PIXELS, Decoder
 from mnist_lightning.serve.uploads import BadRequest
+from serving import run_coroutine
 from test_predict import drawn_seven, png_claiming
 
 
@@ -115,14 +116,15 @@ def test_only_small_images_are_read_on_the_event_loop_and_at_most_two_in_threads
     monkeypatch.setattr(decoding, "decode", lambda image: inline.append(threading.get_ident()) or decode(image))
     big, padded, small = big_padded_and_small()
 
-    async def main() -> list:
+    async def main() -> tuple[list, int]:
         decoder = Decoder()
-        return await asyncio.gather(*[decoder.digit(data) for data in [big, padded] * 3 + [small]])
+        digits = await asyncio.gather(*[decoder.digit(data) for data in [big, padded] * 3 + [small]])
+        return digits, threading.get_ident()
 
-    digits = asyncio.run(main())
+    digits, loop_thread = run_coroutine(main())
     assert len(digits) == 7 and np.array_equal(digits[0], read_image(big))
-    assert inline == [threading.get_ident()]  # the small one, on the event loop's own thread
-    assert len(threads) == 6 and threading.get_ident() not in threads and most == 2
+    assert inline == [loop_thread]  # the small one, on the event loop's own thread
+    assert len(threads) == 6 and loop_thread not in threads and most == 2
 
 
 def test_a_read_that_cannot_get_a_slot_in_time_is_answered_503(monkeypatch):
@@ -134,7 +136,7 @@ def test_a_read_that_cannot_get_a_slot_in_time_is_answered_503(monkeypatch):
         reads = decoder.digit(big), decoder.digit(padded), decoder.digit(small)
         return await asyncio.gather(*reads, return_exceptions=True)
 
-    first, second, inline = asyncio.run(main())
+    first, second, inline = run_coroutine(main())
     assert isinstance(first, np.ndarray) and isinstance(inline, np.ndarray)  # a small one needs no slot
     assert isinstance(second, BadRequest) and second.status == 503
     assert second.headers == {"Retry-After": "5"} and "busy" in second.body["error"]

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from mnist_lightning.serve.uploads import LingeringClose
-from serving import Server
+from serving import Server, run_coroutine
 from test_serve import bar, encoded
 
 LIMIT = 10_000_000  # the server's default --max_bytes
@@ -260,7 +260,7 @@ def linger(headers: dict, body, **bounds) -> tuple[list, int]:
         sent.append(message)
 
     scope = {"type": "http", "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
-    asyncio.run(LingeringClose(app, **bounds)(scope, receive, send))
+    run_coroutine(LingeringClose(app, **bounds)(scope, receive, send))
     return sent, read
 
 
