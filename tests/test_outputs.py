@@ -1,6 +1,7 @@
 """Outputs are written whole or not at all, never over their input, and a full disk is one line."""
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -47,6 +48,36 @@ def test_a_full_disk_inside_torch_save_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(UserError, match=r"No space left on device\); any earlier one is kept"):
         AtomicCheckpointIO().save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == [
+        target.name
+    ]
+
+
+def test_ctrl_c_inside_torch_save_is_still_ctrl_c(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a write tears the zip torch.save is writing, and its writer then raises a
+    RuntimeError on closing it ("unexpected pos"), a traceback where Lightning would have stopped cleanly."""
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+    save = torch.save
+
+    class Interrupted(io.RawIOBase):  # the file as Ctrl-C leaves it: the third write half done
+        def __init__(self, file):
+            self.file, self.writes = file, 0
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            self.writes += 1
+            if self.writes == 3:
+                self.file.write(bytes(data)[: len(data) // 2])
+                raise KeyboardInterrupt
+            return self.file.write(data)
+
+    monkeypatch.setattr(torch, "save", lambda obj, file: save(obj, Interrupted(file)))
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "w": torch.zeros(1000)}, target)
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == [
         target.name

@@ -8,11 +8,16 @@ from typing import BinaryIO
 from mnist_lightning.errors import UserError
 
 
-def disk_error(err: BaseException) -> OSError | None:
-    """The OSError behind a failed write: itself, or the one torch.save wraps in a RuntimeError."""
-    while err is not None and not isinstance(err, OSError):
+def cause(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The ``kind`` of exception behind ``err``: itself, or one it was raised from or while handling."""
+    while err is not None and not isinstance(err, kind):
         err = err.__cause__ or err.__context__
     return err
+
+
+def disk_error(err: BaseException) -> OSError | None:
+    """The OSError behind a failed write: itself, or the one torch.save wraps in a RuntimeError."""
+    return cause(err, OSError)
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:

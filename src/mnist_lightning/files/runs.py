@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mnist_lightning.errors import UserError
 from mnist_lightning.files.checkpoints import resolve_checkpoint
 from mnist_lightning.files.lock import LOCK
-from mnist_lightning.files.outputs import atomic_write, disk_error
+from mnist_lightning.files.outputs import atomic_write, cause, disk_error
 
 # What a run writes into its folder; a failed run's folder holding anything else is left alone.
 SLURM_JOB = "slurm_job"  # the SLURM job training the run, which its requeue looks for (training/slurm.py)
@@ -186,10 +186,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 stale.unlink(missing_ok=True)
             atomic_write(path, lambda file: torch.save(checkpoint, file))
         except (OSError, RuntimeError) as err:
-            cause = disk_error(err)  # a full disk reaches torch.save's caller as a RuntimeError
-            if cause is None:
+            # Ctrl-C in the middle of a write reaches torch.save's caller as the RuntimeError its zip writer
+            # raises on closing a torn file: it is still Ctrl-C, which Lightning stops on cleanly.
+            if isinstance(err, RuntimeError) and cause(err, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            disk = disk_error(err)  # a full disk reaches torch.save's caller as a RuntimeError
+            if disk is None:
                 raise
             raise UserError(
-                f"could not write checkpoint {path} ({cause.strerror or cause}); any earlier one is kept. "
+                f"could not write checkpoint {path} ({disk.strerror or disk}); any earlier one is kept. "
                 "Free some space or pass --trainer.default_root_dir DIR"
             ) from None
