@@ -103,22 +103,24 @@ def written(url: str, name: str):
     blames "invalid data in the commit"."""
     import optuna
 
-    from mnist_lightning.sweep.storage import hidden
+    from mnist_lightning.sweep.storage import hidden, one_line
 
     try:
         yield
     except optuna.exceptions.StorageInternalError as err:
+        why = one_line(reason(err), url)
         raise UserError(
-            f"cannot write the study to {hidden(url)} ({reason(err)}); make it writable or free some space, then "
+            f"cannot write the study to {hidden(url)} ({why}); make it writable or free some space, then "
             f"continue with --study_name {name} --resume"
         ) from None
 
 
 def reason(err: BaseException) -> str:
-    """The database's own words for an error Optuna wrapped: "attempt to write a readonly database"."""
+    """The database's own words for an error Optuna wrapped: "attempt to write a readonly database"; they may
+    repeat the URL, password and all, which the caller hides."""
     while err.__cause__ is not None:
         err = err.__cause__
-    return " ".join(str(getattr(err, "orig", None) or err).split())
+    return str(getattr(err, "orig", None) or err)
 
 
 def require_optuna() -> None:
